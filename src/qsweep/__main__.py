@@ -1,0 +1,3 @@
+from qsweep.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""Benchmark `ppl`: perplexity with llama-perplexity's protocol, for every engine.
+
+The text is tokenized whole by the engine's tokenizer (BOS added if the model asks for it), cut
+into chunks of n_ctx tokens, the first token of each chunk replaced by BOS, and only the second half
+of each chunk scored, so every scored token has at least n_ctx/2 tokens of context. The engine
+supplies tokenization and per-token log-probs; this module does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qsweep.context import JobContext
+from qsweep.errors import QsweepError
+from qsweep.textdata import TextConfig, materialize
+
+
+@dataclass
+class Config:
+    text: TextConfig = field(default_factory=TextConfig)
+    n_ctx: int = 512
+    max_tokens: int = 8192  # token budget: max_tokens // n_ctx chunks
+    timeout_s: int = 3600
+
+
+def make_chunks(tokens: list[int], n_ctx: int, max_tokens: int, bos: int | None) -> list[list[int]]:
+    """Consecutive n_ctx-token chunks within the budget, each starting with BOS where the model uses one."""
+    n_chunks = min(max_tokens // n_ctx, len(tokens) // n_ctx)
+    chunks = [list(tokens[i * n_ctx : (i + 1) * n_ctx]) for i in range(n_chunks)]
+    if bos is not None:
+        for chunk in chunks:
+            chunk[0] = bos
+    return chunks
+
+
+def perplexity(logprobs: list[float]) -> tuple[float, float]:
+    """exp(mean NLL) and its standard error, computed as llama-perplexity does."""
+    count = len(logprobs)
+    if count < 2:
+        raise QsweepError("perplexity needs at least two scored tokens: raise max_tokens")
+    nll = -sum(logprobs) / count
+    nll2 = sum(lp * lp for lp in logprobs) / count
+    ppl = math.exp(nll)
+    variance = nll2 - nll * nll
+    return ppl, (math.sqrt(variance / (count - 1)) * ppl if variance > 0 else 0.0)
+
+
+def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
+    if cfg.n_ctx < 4 or cfg.n_ctx % 2:
+        raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
+    text, _ = materialize(cfg.text, ctx.artifact_cache)
+    tokens, bos = served.tokenize(text, timeout_s=cfg.timeout_s)
+    chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, bos)
+    if not chunks:
+        raise QsweepError(
+            f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: use a longer text"
+        )
+    first = cfg.n_ctx // 2
+    print(f"[qsweep]   perplexity over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)
+    scored = served.score(chunks, first, timeout_s=cfg.timeout_s)
+    flat = [lp for chunk in scored for lp in chunk]
+    ppl, err = perplexity(flat)
+    return {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}

@@ -1,0 +1,73 @@
+"""Typed config schemas, registered in Hydra's ConfigStore so a wrong key or type fails at compose time.
+
+Users write YAML under conf/; each YAML file names its schema in its defaults list
+(`- gguf_schema`), Hydra's "schema in the same config group" pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from qsweep.benchmarks import ppl
+from qsweep.engines import llamacpp
+from qsweep.envs import REPO_ROOT, default_home
+from qsweep.methods import baseline, gguf
+from qsweep.models import ModelConfig
+
+CONF_DIR = REPO_ROOT / "conf"
+
+
+@dataclass
+class PathsConfig:
+    home: str = str(default_home())
+    model_cache: str = "${paths.home}/cache/models"
+    artifact_cache: str = "${paths.home}/cache/artifacts"
+    outputs: str = "${paths.home}/outputs"
+    mlruns: str = str(REPO_ROOT / "mlruns")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default: SQLite under paths.mlruns; or a shared tracking server's URI
+    experiment: str = "qsweep"
+
+
+@dataclass
+class BenchmarksConfig:
+    """One optional entry per benchmark; `benchmark=[ppl]` selects which run."""
+
+    ppl: ppl.Config | None = None
+
+
+@dataclass
+class QsweepConfig:
+    model: ModelConfig = MISSING
+    method: Any = MISSING  # a method schema, chosen by the method's YAML
+    engine: Any = MISSING  # an engine schema, chosen by the engine's YAML
+    benchmark: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SCHEMAS = {
+    # (group, name): (schema, package)
+    ("method", "baseline_schema"): (baseline.Config, None),
+    ("method", "gguf_schema"): (gguf.Config, None),
+    ("engine", "llamacpp_schema"): (llamacpp.Config, None),
+    ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
+}
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="qsweep_schema", node=QsweepConfig)
+    for (group, name), (node, package) in SCHEMAS.items():
+        store.store(group=group, name=name, node=node, package=package)
+
+
+def is_schema(option: str) -> bool:
+    return option.endswith("_schema")

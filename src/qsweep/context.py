@@ -1,0 +1,31 @@
+"""What a running job hands to its plug-ins: the caches, where to write logs, and its results so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qsweep.cache import ArtifactCache
+
+
+@dataclass
+class JobContext:
+    artifact_cache: ArtifactCache
+    model_cache: ArtifactCache
+    log_dir: Path  # this job's own folder; every file here is logged to its MLflow run
+
+    def log(self, name: str) -> Path:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / name
+
+
+@dataclass
+class Artifact:
+    """What a method produced for an engine to serve."""
+
+    format: str  # "gguf" (a file) or "hf" (a checkpoint directory)
+    path: Path
+    cache_hit: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)

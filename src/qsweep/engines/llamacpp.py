@@ -1,0 +1,109 @@
+"""Engine `llamacpp`: llama-server as a child process on 127.0.0.1, serving a GGUF file.
+
+llama-server returns log-probs for generated tokens only, so the perplexity protocol's prompt
+scoring runs in-process with llama-cpp-python on the same file (stage_scripts/llamacpp_score.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qsweep import procs
+from qsweep.context import Artifact, JobContext
+from qsweep.engines import http
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+
+ENV = "llamacpp"
+FORMATS = ("gguf",)
+
+
+@dataclass
+class Config:
+    name: str = "llamacpp"
+    kind: str = "llamacpp"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port
+    ctx_size: int = 2048  # total KV context, shared by the slots
+    parallel: int = 1  # slots (-np): requests served at once
+    threads: int | None = None  # default: llama.cpp's choice (all cores)
+    n_gpu_layers: int | None = None  # -ngl; default: llama.cpp's choice
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: int = 300
+    request_timeout_s: int = 300
+    smoke_prompt: str = "The capital of France is"
+    smoke_max_tokens: int = 16
+
+
+class ServedModel:
+    """A running llama-server plus in-process scoring on the same GGUF."""
+
+    def __init__(self, cfg: Config, artifact: Artifact, url: str, start_s: float, log: Path, ctx: JobContext):
+        self.cfg, self.artifact, self.url, self.start_s, self.log, self.ctx = cfg, artifact, url, start_s, log, ctx
+        self.env = StageEnv(ENV)
+
+    def complete(self, prompt: str, max_tokens: int) -> tuple[str, float]:
+        """A greedy completion through the OpenAI endpoint; returns (text, seconds)."""
+        started = time.monotonic()
+        reply = http.post_json(
+            f"{self.url}/v1/completions",
+            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
+            timeout_s=self.cfg.request_timeout_s,
+        )
+        return reply["choices"][0]["text"], time.monotonic() - started
+
+    def _score_script(self, *args: str | Path, timeout_s: float) -> dict:
+        out = self.ctx.log_dir / f"score-{time.monotonic_ns()}.json"
+        try:
+            procs.run(
+                [*self.env.script("llamacpp_score.py"), *args, "--model", self.artifact.path, "--out", out,
+                 *(["--threads", self.cfg.threads] if self.cfg.threads else [])],
+                log_path=self.ctx.log("scoring.log"), timeout_s=timeout_s, what="llama.cpp scoring",
+                env=self.env.environ(),
+            )
+            return json.loads(out.read_text())
+        finally:
+            out.unlink(missing_ok=True)
+
+    def tokenize(self, text: Path, timeout_s: float) -> tuple[list[int], int | None]:
+        """Token ids of a text as llama.cpp makes them, and the BOS id if the model adds one."""
+        result = self._score_script("tokenize", "--text", text, timeout_s=timeout_s)
+        return result["tokens"], result["bos"]
+
+    def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
+        """Log-prob of each chunk[j+1] given chunk[:j+1], for j from `first` to the end."""
+        path = self.ctx.log_dir / "chunks.json"
+        path.write_text(json.dumps({"chunks": chunks}))
+        try:
+            return self._score_script("score", "--chunks", path, "--first", str(first),
+                                      timeout_s=timeout_s)["logprobs"]
+        finally:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[ServedModel]:
+    """Start llama-server, wait until /health answers, yield, and stop its process group."""
+    if artifact.format not in FORMATS:
+        raise QsweepError(f"llama.cpp serves GGUF files, not {artifact.format}")
+    env = StageEnv(ENV)
+    port = cfg.port or http.free_port(cfg.host)
+    url = f"http://{cfg.host}:{port}"
+    log = ctx.log("server.log")
+    cmd = [
+        env.tool("llama-server"), "-m", artifact.path, "--host", cfg.host, "--port", port,
+        "-c", cfg.ctx_size, "-np", cfg.parallel, "--no-webui",
+        *(["-t", cfg.threads] if cfg.threads else []),
+        *(["-ngl", cfg.n_gpu_layers] if cfg.n_gpu_layers is not None else []),
+        *cfg.extra_args,
+    ]
+    started = time.monotonic()
+    print(f"[qsweep]   starting llama-server on {url} (-c {cfg.ctx_size} -np {cfg.parallel})", flush=True)
+    with procs.background(cmd, log_path=log, env=env.environ()) as proc:
+        http.wait_healthy(f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="llama-server")
+        yield ServedModel(cfg, artifact, url, time.monotonic() - started, log, ctx)

@@ -1,0 +1,248 @@
+"""Stage environments: one virtualenv per stage, so quantizer, engine and evaluator versions never fight.
+
+Each stage runs as a subprocess of its own environment. An environment is described by a pinned
+requirements file in `envs/<name>.txt` plus an optional build step, and is (re)built by
+`python -m qsweep.envs setup` (called from ./setup.sh) only when that description changes:
+a stamp file holds the hash of what it was built from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qsweep import procs
+from qsweep.errors import QsweepError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SPEC_DIR = REPO_ROOT / "envs"
+STAMP = "qsweep-env.json"
+
+
+def default_home() -> Path:
+    """Where environments, caches and Hydra outputs live: $QSWEEP_HOME or <repo>/.qsweep."""
+    return Path(os.environ.get("QSWEEP_HOME") or REPO_ROOT / ".qsweep").resolve()
+
+
+class StageEnv:
+    """A built stage environment: its interpreter, tools and the process environment to run them in."""
+
+    def __init__(self, name: str, home: Path | None = None):
+        self.name = name
+        self.root = (home or default_home()) / "envs" / name
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    @property
+    def site_packages(self) -> Path:
+        return self.root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+    @property
+    def share(self) -> Path:
+        return self.root / "share" / "qsweep"
+
+    def info(self) -> dict:
+        """The stamp written when the environment was built (versions, build flags)."""
+        self.require()
+        return json.loads((self.root / STAMP).read_text())
+
+    def require(self) -> None:
+        if not (self.root / STAMP).is_file():
+            raise QsweepError(f"stage environment '{self.name}' is not set up at {self.root}: run ./setup.sh")
+
+    def tool(self, name: str) -> Path:
+        """A binary installed into the environment (llama.cpp tools land in site-packages/bin)."""
+        for candidate in (self.site_packages / "bin" / name, self.root / "bin" / name):
+            if candidate.is_file():
+                return candidate
+        raise QsweepError(f"'{name}' is missing from stage environment '{self.name}': run ./setup.sh")
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        """os.environ plus this environment's PATH and libraries, quiet progress bars, no telemetry."""
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        env["PATH"] = os.pathsep.join([str(self.root / "bin"), str(self.site_packages / "bin"), env.get("PATH", "")])
+        libs = [str(self.site_packages / "lib"), str(self.site_packages / "llama_cpp" / "lib")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+        env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.setdefault("TQDM_DISABLE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(extra)
+        return env
+
+    def script(self, name: str) -> list[str]:
+        """The command prefix that runs one of qsweep's stage scripts with this environment's Python."""
+        return [str(self.python), str(Path(__file__).parent / "stage_scripts" / name)]
+
+
+# --- building -------------------------------------------------------------------------------------
+
+# Bump when a build step changes in a way the requirements files do not show: every env rebuilds.
+BUILD_REVISION = 1
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+# Tools on, server on without the web UI (whose default build downloads prebuilt assets), no HTTPS,
+# no llava. -DLLAMA_BUILD_TOOLS=ON alone fails at configure (mtmd added twice), hence LLAVA_BUILD=OFF.
+LLAMA_CMAKE_ARGS = (
+    "-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF -DLLAMA_TOOLS_INSTALL=ON "
+    "-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF"
+)
+LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
+
+
+def has_cuda_gpu() -> bool:
+    """A CUDA GPU is present (nvcc alone is not enough: this machine has nvcc and no GPU)."""
+    return "GPU" in procs.output(["nvidia-smi", "-L"], timeout_s=20)
+
+
+def llama_cmake_args() -> str:
+    args = LLAMA_CMAKE_ARGS + (" -DGGML_CUDA=ON" if has_cuda_gpu() else "")
+    return (args + " " + os.environ.get("QSWEEP_LLAMACPP_CMAKE_ARGS", "")).strip()
+
+
+def _pip(env: StageEnv, *args: str, log: Path, what: str, timeout_s: float = 1800, **extra_env: str) -> None:
+    procs.run(
+        [env.python, "-m", "pip", "install", "--disable-pip-version-check", *args],
+        log_path=log, timeout_s=timeout_s, what=what, env=env.environ(**extra_env),
+    )
+
+
+def _ninja_progress(log: Path) -> Callable[[], str]:
+    def note() -> str:
+        steps = re.findall(rb"\[(\d+)/(\d+)\]", log.read_bytes()[-20000:]) if log.exists() else []
+        return f"(compiled {int(steps[-1][0])}/{int(steps[-1][1])})" if steps else ""
+
+    return note
+
+
+def build_llamacpp(env: StageEnv, log: Path) -> dict:
+    """Build llama-cpp-python from its sdist with the llama.cpp tools, and keep the vendored
+    convert_hf_to_gguf.py with its gguf-py so that conversion matches the built llama.cpp."""
+    home = env.root.parent.parent
+    downloads, build = home / "downloads", home / "build"
+    procs.run(
+        [env.python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", downloads, LLAMA_CPP_PYTHON],
+        log_path=log, timeout_s=900, what="download llama-cpp-python sdist", env=env.environ(),
+    )
+    version = LLAMA_CPP_PYTHON.split("==")[1]
+    sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
+    src = build / f"llama_cpp_python-{version}"
+    if not src.is_dir():
+        build.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(build, filter="data")
+    cmake_args = llama_cmake_args()
+    print(f"[qsweep]   compiling llama.cpp (about 5 min on 2 cores; log: {log})", flush=True)
+    procs.run(
+        [env.python, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-v", src],
+        log_path=log, timeout_s=3600, what="build llama.cpp", progress=_ninja_progress(log),
+        env=env.environ(CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2)),
+    )
+    vendored = src / "vendor" / "llama.cpp"
+    _pip(env, "--no-deps", str(vendored / "gguf-py"), log=log, what="install gguf-py")
+    share = env.share / "llama.cpp"
+    shutil.rmtree(share, ignore_errors=True)
+    share.mkdir(parents=True)
+    shutil.copy2(vendored / "convert_hf_to_gguf.py", share)
+    shutil.copytree(vendored / "conversion", share / "conversion")
+    shutil.copytree(vendored / "gguf-py", share / "gguf-py")
+    for tool in LLAMA_TOOLS:
+        env.tool(tool)
+    banner = procs.output([env.tool("llama-server"), "--version"], timeout_s=60, env=env.environ())
+    match = re.search(r"version: (\d+) \((\w+)\)", banner)
+    return {
+        "llama_cpp_python": version,
+        "llama_cpp_build": f"b{match.group(1)}-{match.group(2)}" if match else "unknown",
+        "cmake_args": cmake_args,
+    }
+
+
+@dataclass(frozen=True)
+class StageEnvSpec:
+    name: str
+    build: Callable[[StageEnv, Path], dict] | None = None
+    extra_hash: Callable[[], str] = lambda: ""
+
+    @property
+    def requirements(self) -> Path:
+        return SPEC_DIR / f"{self.name}.txt"
+
+    def fingerprint(self) -> str:
+        parts = [self.requirements.read_text(), sys.version, self.extra_hash()]
+        parts.append(f"build-revision-{BUILD_REVISION}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+STAGE_ENVS = {
+    "llamacpp": StageEnvSpec(
+        "llamacpp", build=build_llamacpp, extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args()
+    ),
+}
+
+
+def setup(names: list[str], home: Path, force: bool = False) -> None:
+    """Create or update each named stage environment; seconds when nothing changed."""
+    for name in names:
+        spec, env = STAGE_ENVS[name], StageEnv(name, home)
+        fingerprint = spec.fingerprint()
+        stamp = env.root / STAMP
+        if not force and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+            print(f"[qsweep] stage environment '{name}' is up to date ({env.root})", flush=True)
+            continue
+        started = time.monotonic()
+        print(f"[qsweep] building stage environment '{name}' at {env.root}", flush=True)
+        stamp.unlink(missing_ok=True)
+        log = home / "envs" / f"{name}.setup.log"
+        log.unlink(missing_ok=True)
+        if not env.python.exists():
+            procs.run([sys.executable, "-m", "venv", env.root], log_path=log, timeout_s=300, what="create venv")
+        _pip(env, "-r", str(spec.requirements), log=log, what=f"install {spec.requirements.name}")
+        info = spec.build(env, log) if spec.build else {}
+        freeze = procs.output([env.python, "-m", "pip", "freeze"], timeout_s=120, env=env.environ())
+        info.update(fingerprint=fingerprint, name=name, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    packages=sorted(freeze.split()))
+        stamp.write_text(json.dumps(info, indent=1))
+        print(f"[qsweep] stage environment '{name}' ready in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qsweep.envs", description="Build qsweep's stage environments.")
+    parser.add_argument("command", choices=["setup", "list"])
+    parser.add_argument("names", nargs="*", help=f"environments (default: all of {', '.join(STAGE_ENVS)})")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = parser.parse_args(argv)
+    home = default_home()
+    names = args.names or list(STAGE_ENVS)
+    unknown = sorted(set(names) - set(STAGE_ENVS))
+    if unknown:
+        print(f"qsweep: unknown stage environment {unknown}; choose from {', '.join(STAGE_ENVS)}", file=sys.stderr)
+        return 2
+    if args.command == "list":
+        for name in names:
+            env = StageEnv(name, home)
+            ok = (env.root / STAMP).is_file()
+            print(f"{name}\t{'ready' if ok else 'missing'}\t{env.root}")
+        return 0
+    try:
+        setup(names, home, force=args.force)
+    except QsweepError as err:
+        print(f"qsweep: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

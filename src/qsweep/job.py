@@ -1,0 +1,130 @@
+"""One job of a sweep: prepare the model, quantize (cached), serve, run the benchmarks, log it all.
+
+All side effects of a job happen here and in the plug-ins it calls. A job records its own outcome
+in MLflow (FINISHED / FAILED / KILLED) and never raises a failure into Hydra, so the sweep goes on
+and Hydra's end-of-sweep callback still runs; the CLI turns failures into the exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qsweep import models, tracking
+from qsweep.benchmarks import BENCHMARKS
+from qsweep.cache import ArtifactCache
+from qsweep.context import JobContext
+from qsweep.engines import ENGINES
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+from qsweep.methods import METHODS
+
+FAILED_JOBS: list[str] = []  # names of jobs that failed in this process, for the exit code
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    print(f"[qsweep] stage {name} ...", flush=True)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[f"time_{name}_s"] = elapsed = time.monotonic() - started
+        print(f"[qsweep] stage {name}: {elapsed:.1f} s", flush=True)
+
+
+def selected_benchmarks(cfg: DictConfig) -> dict[str, object]:
+    return {name: OmegaConf.to_object(node) for name, node in cfg.benchmark.items() if node is not None}
+
+
+def run_job(cfg: DictConfig) -> str:
+    """Run one job and return its final MLflow status."""
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    ctx = JobContext(ArtifactCache(Path(cfg.paths.artifact_cache)), ArtifactCache(Path(cfg.paths.model_cache)),
+                     job_dir / "logs")
+    model_cfg = OmegaConf.to_object(cfg.model)
+    method_cfg, engine_cfg = OmegaConf.to_object(cfg.method), OmegaConf.to_object(cfg.engine)
+    name = f"{models.display_name(model_cfg)}/{method_cfg.name}/{engine_cfg.name}"
+
+    client, experiment_id = tracking.client_for(cfg)
+    parent = tracking.parent_run_id(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    choices = dict(hydra_cfg.runtime.choices)
+    tags = {**tracking.environment_tags(), "qsweep.kind": "job", "qsweep.job_dir": str(job_dir),
+            **{f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    tracking.log_params(client, run_id, tracking.run_params(cfg, choices))
+    client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
+    print(f"[qsweep] job {name}: MLflow run {run_id}", flush=True)
+
+    timings: dict[str, float] = {}
+    status, error = "FINISHED", ""
+    try:
+        method, engine = METHODS.get(method_cfg.kind), ENGINES.get(engine_cfg.kind)
+        with stage("model", timings):
+            model = models.prepare(model_cfg, ctx.model_cache, ctx.log_dir)
+        client.set_tag(run_id, "model.cache_hit", str(model.cache_hit).lower())
+
+        with stage("quantize", timings):
+            artifact = method.build(method_cfg, model, engine.FORMATS[0], ctx)
+        tracking.log_metrics(client, run_id, artifact.metrics)
+        tracking.log_params(client, run_id, artifact.params)
+        client.set_tag(run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
+        client.log_dict(run_id, artifact.info, "artifact_info.json")
+        for env_name in {"llamacpp"}:
+            info = StageEnv(env_name).info()
+            client.set_tag(run_id, f"env.{env_name}.llama_cpp_build", info.get("llama_cpp_build", ""))
+            client.log_text(run_id, "\n".join(info.get("packages", [])), f"envs/{env_name}-packages.txt")
+
+        with stage("serve", timings), engine.serve(engine_cfg, artifact, ctx) as served:
+            reply, latency = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
+            print(f"[qsweep]   serving: {engine_cfg.smoke_prompt!r} -> {reply.strip()[:80]!r}", flush=True)
+            tracking.log_metrics(client, run_id, {"server_start_s": served.start_s, "smoke_latency_s": latency})
+            client.log_text(run_id, f"prompt: {engine_cfg.smoke_prompt}\nreply: {reply}\n", "smoke_completion.txt")
+            for bench_name, bench_cfg in selected_benchmarks(cfg).items():
+                with stage(f"benchmark_{bench_name}", timings):
+                    metrics = BENCHMARKS.get(bench_name).run(bench_cfg, served, ctx)
+                tracking.log_metrics(client, run_id, metrics)
+                print(f"[qsweep]   {bench_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                      flush=True)
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted"
+        raise
+    except QsweepError as err:
+        status, error = "FAILED", str(err)
+    except Exception as err:  # a bug or an unexpected tool failure: keep the traceback with the run
+        status, error = "FAILED", f"{type(err).__name__}: {err}"
+        client.log_text(run_id, traceback.format_exc(), "error_traceback.txt")
+    finally:
+        _finish(client, run_id, parent, status, error, timings, ctx.log_dir)
+    if status == "FAILED":
+        FAILED_JOBS.append(name)
+        print(f"qsweep: job {name} failed: {error}", flush=True)
+    return status
+
+
+def _finish(client, run_id: str, parent: str | None, status: str, error: str, timings: dict, log_dir: Path) -> None:
+    """Attach logs and timings, close the run; never let logging hide the job's own error."""
+    try:
+        tracking.log_metrics(client, run_id, timings)
+        if error:
+            client.set_tag(run_id, "qsweep.error", error[:5000])
+        if log_dir.is_dir():
+            for path in sorted(log_dir.iterdir()):
+                if path.is_file():
+                    client.log_artifact(run_id, str(path), "logs")
+        client.set_terminated(run_id, status)
+        if status == "KILLED" and parent:
+            client.set_terminated(parent, "KILLED")
+    except Exception as err:  # MLflow itself failing must not mask what happened to the job
+        print(f"qsweep: could not finish MLflow run {run_id}: {err}; job details: {json.dumps(timings)}", flush=True)

@@ -1,0 +1,177 @@
+"""GGUF quantization with llama.cpp: convert_hf_to_gguf.py to f16, optional llama-imatrix on
+calibration text, then llama-quantize. Each step is a cached entry, so methods and engines that
+share the f16 file or the imatrix build it once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from qsweep import procs
+from qsweep.cache import CacheEntry
+from qsweep.context import Artifact, JobContext
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+from qsweep.models import PreparedModel
+from qsweep.textdata import TextConfig, materialize
+
+ENV = "llamacpp"
+FORMATS = ("gguf",)  # artifact formats this method makes
+
+
+class GgufOuttype(Enum):
+    """convert_hf_to_gguf.py --outtype: the unquantized GGUF."""
+
+    f16 = "f16"
+    bf16 = "bf16"
+    f32 = "f32"
+
+
+class GgufQuantType(Enum):
+    """llama-quantize types qsweep offers (any llama-quantize type name works the same way)."""
+
+    Q8_0 = "Q8_0"
+    Q6_K = "Q6_K"
+    Q5_K_M = "Q5_K_M"
+    Q4_K_M = "Q4_K_M"
+    Q4_K_S = "Q4_K_S"
+    Q4_0 = "Q4_0"
+    Q3_K_M = "Q3_K_M"
+    Q2_K = "Q2_K"
+    IQ4_XS = "IQ4_XS"
+    IQ4_NL = "IQ4_NL"
+    IQ3_XXS = "IQ3_XXS"
+
+
+@dataclass
+class Config:
+    name: str = MISSING
+    kind: str = "gguf"
+    quant_type: GgufQuantType = MISSING
+    imatrix: bool = False
+    # Calibration text for the importance matrix: by default a slice of the Wikipedia text that the
+    # perplexity benchmark (which reads from the start of the file) never sees.
+    imatrix_text: TextConfig = field(
+        default_factory=lambda: TextConfig(name="wiki-calibration", offset_chars=1_000_000, max_chars=300_000)
+    )
+    imatrix_chunks: int = 32  # chunks of imatrix_ctx tokens
+    imatrix_ctx: int = 512
+    leave_output_tensor: bool = False  # keep output.weight unquantized (a no-op for tied embeddings)
+    f16_outtype: GgufOuttype = GgufOuttype.f16
+    threads: int | None = None
+    timeout_s: int = 7200
+
+
+def llama_build() -> str:
+    return StageEnv(ENV).info().get("llama_cpp_build", "unknown")
+
+
+def inspect_gguf(path: Path, out: Path, log: Path) -> dict:
+    """Tensor-type mix, parameter count and bits per weight of a GGUF file."""
+    env = StageEnv(ENV)
+    procs.run([*env.script("gguf_info.py"), path, out], log_path=log, timeout_s=600,
+              what=f"inspect {path.name}", env=env.environ())
+    return json.loads(out.read_text())
+
+
+def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> CacheEntry:
+    """The model converted to an unquantized GGUF by llama.cpp's own converter."""
+    env = StageEnv(ENV)
+    env.require()
+    key = {"model": model.fingerprint, "outtype": outtype.value, "llama_cpp": llama_build()}
+    log = ctx.log("quantize.log")
+
+    def build(tmp: Path) -> dict:
+        out = tmp / f"model-{outtype.value}.gguf"
+        print(f"[qsweep]   converting {model.name} to GGUF {outtype.value}", flush=True)
+        procs.run(
+            [env.python, env.share / "llama.cpp" / "convert_hf_to_gguf.py", model.path,
+             "--outtype", outtype.value, "--outfile", out],
+            log_path=log, timeout_s=7200, what=f"convert {model.name} to GGUF", env=env.environ(),
+        )
+        return {"file": out.name, "gguf": inspect_gguf(out, tmp / "gguf_info.json", log)}
+
+    return ctx.artifact_cache.entry("gguf-base", key, build, what=f"{outtype.value} GGUF of {model.name}")
+
+
+def imatrix(cfg: Config, base: CacheEntry, ctx: JobContext) -> CacheEntry:
+    """An importance matrix computed by llama-imatrix on the calibration text."""
+    env = StageEnv(ENV)
+    text, text_sha = materialize(cfg.imatrix_text, ctx.artifact_cache)
+    key = {"base": base.manifest["key"], "text": text_sha, "chunks": cfg.imatrix_chunks,
+           "ctx": cfg.imatrix_ctx, "llama_cpp": llama_build()}
+    log = ctx.log("quantize.log")
+
+    def build(tmp: Path) -> dict:
+        print(f"[qsweep]   computing importance matrix ({cfg.imatrix_chunks} x {cfg.imatrix_ctx} tokens)", flush=True)
+        procs.run(
+            [env.tool("llama-imatrix"), "-m", base.path / base.manifest["file"], "-f", text,
+             "-o", tmp / "imatrix.gguf", "--chunks", cfg.imatrix_chunks, "-c", cfg.imatrix_ctx,
+             *(["-t", cfg.threads] if cfg.threads else [])],
+            log_path=log, timeout_s=cfg.timeout_s, what="llama-imatrix", env=env.environ(),
+        )
+        return {"file": "imatrix.gguf"}
+
+    return ctx.artifact_cache.entry("imatrix", key, build, what="importance matrix")
+
+
+def summarize_types(info: dict) -> str:
+    """'Q5_0:62%,Q8_0:21%,...' by share of parameters: the mix users need to see."""
+    total = info["n_params"] or 1
+    return ",".join(f"{t}:{100 * v['params'] / total:.0f}%" for t, v in info["tensor_types"].items())
+
+
+def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str) -> Artifact:
+    info = entry.manifest["gguf"]
+    return Artifact(
+        format="gguf",
+        path=entry.path / entry.manifest["file"],
+        cache_hit=entry.hit,
+        metrics={
+            "artifact_size_mb": info["file_bytes"] / 1e6,
+            "bits_per_weight": info["bits_per_weight"],
+            "n_params": info["n_params"],
+            # Time the chain took when it was built (maybe by an earlier sweep): cache hits cost ~0.
+            "quantize_s": sum(e.build_s for e in chain),
+        },
+        params={"artifact.type": label, "gguf.tensor_types": summarize_types(info),
+                "artifact.cache_key": entry.manifest["key"]},
+        info=info,
+    )
+
+
+def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+    if fmt != "gguf":
+        raise QsweepError(f"method {cfg.name} makes GGUF files; the engine wants {fmt}")
+    env = StageEnv(ENV)
+    base = f16_gguf(model, cfg.f16_outtype, ctx)
+    chain = [base]
+    imat = None
+    if cfg.imatrix:
+        imat = imatrix(cfg, base, ctx)
+        chain.append(imat)
+    key = {"base": base.manifest["key"], "type": cfg.quant_type.value,
+           "imatrix": imat.manifest["key"] if imat else None,
+           "leave_output_tensor": cfg.leave_output_tensor, "llama_cpp": llama_build()}
+    log = ctx.log("quantize.log")
+
+    def quantize(tmp: Path) -> dict:
+        out = tmp / f"model-{cfg.quant_type.value}.gguf"
+        print(f"[qsweep]   llama-quantize {cfg.quant_type.value}", flush=True)
+        procs.run(
+            [env.tool("llama-quantize"),
+             *(["--imatrix", imat.path / imat.manifest["file"]] if imat else []),
+             *(["--leave-output-tensor"] if cfg.leave_output_tensor else []),
+             base.path / base.manifest["file"], out, cfg.quant_type.value,
+             *([cfg.threads] if cfg.threads else [])],
+            log_path=log, timeout_s=cfg.timeout_s, what=f"llama-quantize {cfg.quant_type.value}", env=env.environ(),
+        )
+        return {"file": out.name, "gguf": inspect_gguf(out, tmp / "gguf_info.json", log)}
+
+    entry = ctx.artifact_cache.entry("gguf", key, quantize, what=f"{cfg.quant_type.value} GGUF")
+    chain.append(entry)
+    return artifact_from(entry, chain, cfg.quant_type.value)

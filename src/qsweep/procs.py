@@ -1,0 +1,132 @@
+"""Child processes: every one has a timeout, its own process group and a log file, and is
+killed with its whole group whatever happens (error, timeout, Ctrl-C)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from qsweep.errors import QsweepError
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file, joined with ' | ' to fit one error line."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL it; safe to call twice."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # The leader may be gone while children it spawned still run in the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def run(
+    cmd: Sequence[str | os.PathLike],
+    *,
+    log_path: Path,
+    timeout_s: float,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    progress_every_s: float = 30.0,
+    progress: Callable[[], str] | None = None,
+) -> float:
+    """Run `cmd` to completion with its output appended to `log_path`; return the wall time.
+
+    Raises QsweepError naming the step, the exit code, the log's last lines and its path.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        try:
+            next_note = started + progress_every_s
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - started > timeout_s:
+                    raise QsweepError(
+                        f"{what} timed out after {timeout_s:.0f} s (raise its timeout_s); log: {log_path}"
+                    )
+                if now >= next_note:
+                    detail = progress() if progress else ""
+                    print(f"[qsweep]   {what}: running {now - started:.0f} s {detail}".rstrip(), flush=True)
+                    next_note = now + progress_every_s
+                time.sleep(0.2)
+        finally:
+            kill_group(proc)
+    if proc.returncode != 0:
+        raise QsweepError(
+            f"{what} failed (exit {proc.returncode}): {tail(log_path)} (log: {log_path})"
+        )
+    return time.monotonic() - started
+
+
+def output(cmd: Sequence[str | os.PathLike], *, timeout_s: float, env: Mapping[str, str] | None = None) -> str:
+    """Run a short command and return its stdout+stderr; '' if it cannot run at all."""
+    try:
+        done = subprocess.run(
+            [str(c) for c in cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout or "") + (done.stderr or "")
+
+
+@contextlib.contextmanager
+def background(
+    cmd: Sequence[str | os.PathLike],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """A long-running child (a server) in its own process group, killed on exit from the block."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+        try:
+            yield proc
+        finally:
+            kill_group(proc)

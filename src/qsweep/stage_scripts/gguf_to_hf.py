@@ -1,0 +1,98 @@
+"""Turn a GGUF file into a transformers checkpoint (safetensors, tokenizer, chat template).
+
+Runs inside a stage environment with torch + transformers + gguf; imports nothing from qsweep.
+Usage: python gguf_to_hf.py GGUF_FILE OUT_DIR --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+# Pre-tokenizers of byte-level BPE vocabularies, by the name llama.cpp records in tokenizer.ggml.pre.
+# transformers rebuilds a GGUF tokenizer without them (and with byte_fallback on), which makes
+# llama.cpp's converter take it for a SentencePiece vocabulary and tokenises digits differently.
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZERS = {
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
+    "gpt-2": BYTE_LEVEL,
+}
+
+
+def gguf_fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    wanted = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+              "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id")
+    return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
+
+
+def repair_tokenizer(gguf_file: Path, out_dir: Path) -> None:
+    """Make the saved tokenizer match the GGUF's: byte-level BPE with its pre-tokenizer, and the
+    GGUF's own special tokens (transformers' rebuild gets eos wrong for SmolLM2)."""
+    fields = gguf_fields(gguf_file)
+    tok_path, cfg_path = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text())
+    if fields.get("tokenizer.ggml.model") == "gpt2":
+        pre = fields.get("tokenizer.ggml.pre", "gpt-2")
+        if pre not in PRE_TOKENIZERS:
+            print(f"warning: unknown llama.cpp pre-tokenizer '{pre}': using plain ByteLevel", flush=True)
+        tok["pre_tokenizer"] = PRE_TOKENIZERS.get(pre, BYTE_LEVEL)
+        tok["normalizer"] = None
+        tok["decoder"] = {**BYTE_LEVEL, "add_prefix_space": True}
+        tok["post_processor"] = {**BYTE_LEVEL, "add_prefix_space": True}
+        tok["model"]["byte_fallback"] = False
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1))
+    id_to_token = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
+    config = json.loads(cfg_path.read_text())
+    for name in ("bos", "eos", "unk", "pad"):
+        key = f"tokenizer.ggml.{'padding' if name == 'pad' else 'unknown' if name == 'unk' else name}_token_id"
+        token_id = fields.get(key)
+        if token_id is not None and token_id in id_to_token:
+            config[f"{name}_token"] = id_to_token[token_id]
+            config.pop(f"{name}_token_id", None)
+    config["clean_up_tokenization_spaces"] = False
+    config["add_bos_token"] = False if fields.get("tokenizer.ggml.model") == "gpt2" else config.get("add_bos_token")
+    cfg_path.write_text(json.dumps(config, ensure_ascii=False, indent=1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("gguf_file", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    started = time.monotonic()
+    folder, name = str(args.gguf_file.parent), args.gguf_file.name
+    print(f"loading {args.gguf_file} (dequantizing to {args.dtype})", flush=True)
+    # Without dequantize=True, save_pretrained refuses: "quantized with gguf and is not serializable".
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=name,
+        dtype=getattr(torch, args.dtype),
+        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(args.out_dir)
+    repair_tokenizer(args.gguf_file, args.out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"n_params": n_params, "dtype": args.dtype, "seconds": round(time.monotonic() - started, 1)}
+    print(json.dumps(info), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

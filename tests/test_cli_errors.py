@@ -1,0 +1,31 @@
+"""Bad input fails at once with one line naming the fix, a non-zero exit, and no MLflow run."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+
+CASES = [
+    (["method=gptqq"], "unknown method 'gptqq'", "gguf-q4_k_m"),
+    (["method=gguf-q4_km"], "did you mean 'gguf-q4_k_m'", "none"),
+    (["-m", "method=none,gguf-q4_k_m,bogus"], "unknown method 'bogus'", "gguf-iq4_xs"),
+    (["engine=vlm"], "unknown engine 'vlm'", "llamacpp"),
+    (["benchmark=[pplx]"], "unknown benchmark 'pplx'", "ppl"),
+    (["method=gguf-q4_k_m", "method.quant_type=Q9"], "Invalid value 'Q9'", "Q4_K_M"),
+    (["method.foo=1"], "Key 'foo' not in", "method.foo"),
+    (["model.path=/no/such/model"], "model.path '/no/such/model'", "fix the path"),
+    (["benchmark.ppl.text.path=/no/such.txt"], "text file '/no/such.txt' does not exist", "fix the path"),
+    (["model=local"], "model.path", "set model.path"),
+]
+
+
+@pytest.mark.parametrize("args,first,second", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_clear_line(args, first, second, tmp_path):
+    done = run_cli(*args, tmp=tmp_path, timeout_s=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("qsweep: ") and first in lines[0] and second in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "mlruns").exists(), "no MLflow store may be created for bad input"

@@ -1,0 +1,55 @@
+"""Every combination of config options composes and validates, or is refused with a clear reason."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qsweep import cli, config
+from qsweep.errors import QsweepError
+
+config.register()
+GROUPS = ("model", "method", "engine")
+OPTIONS = {g: cli.group_options(g) for g in GROUPS}
+# Combinations that are refused on purpose, with the words their error must contain.
+REFUSED = {"local": "model.path"}
+
+
+def test_every_group_has_options():
+    assert OPTIONS["method"] == ["gguf-iq4_xs", "gguf-q4_k_m", "none"]
+    assert "smollm2-135m" in OPTIONS["model"] and "llamacpp" in OPTIONS["engine"]
+
+
+@pytest.mark.parametrize("model,method,engine", list(itertools.product(*(OPTIONS[g] for g in GROUPS))))
+def test_combination_composes(model, method, engine):
+    overrides = [f"model={model}", f"method={method}", f"engine={engine}", "benchmark=[ppl]"]
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+        if model in REFUSED:
+            with pytest.raises(QsweepError, match=REFUSED[model]):
+                cli.validate(cfg)
+            return
+        cli.validate(cfg)
+    assert cfg.method.name == method and cfg.engine.name == engine
+
+
+def test_default_sweep_expands_to_three_jobs():
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        jobs = cli.expand_jobs([], multirun=True)
+        assert sorted(j[0] for j in jobs) == ["method=gguf-iq4_xs", "method=gguf-q4_k_m", "method=none"]
+        # A command-line value replaces the configured sweep of that key.
+        assert cli.expand_jobs(["method=none"], multirun=True) == [["method=none"]]
+
+
+def test_named_sweep_file_composes():
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        jobs = cli.expand_jobs(["+sweeps=gguf-ppl", cli.SEARCH_PATH], multirun=True)
+        assert len(jobs) == 3
+
+
+def test_typed_schema_rejects_wrong_type_at_compose_time():
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"), pytest.raises(Exception) as info:
+        compose("config", overrides=["method=gguf-q4_k_m", "method.imatrix_chunks=many"])
+    assert "imatrix_chunks" in str(info.value)

@@ -1,0 +1,143 @@
+"""Fast unit tests of the orchestration pieces, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from qsweep import procs, tracking
+from qsweep.benchmarks.ppl import make_chunks, perplexity
+from qsweep.cache import ArtifactCache, content_key
+from qsweep.errors import QsweepError
+
+
+def test_perplexity_matches_hand_computation():
+    logprobs = [math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.5)]
+    # NLLs: ln2, 2ln2, 3ln2, ln2 -> mean 1.75 ln2 -> ppl 2^1.75
+    ppl, err = perplexity(logprobs)
+    assert ppl == pytest.approx(2**1.75)
+    nll = [math.log(2) * k for k in (1, 2, 3, 1)]
+    mean = sum(nll) / 4
+    var = sum(x * x for x in nll) / 4 - mean * mean
+    assert err == pytest.approx(math.sqrt(var / 3) * 2**1.75)
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    ppl, err = perplexity([-math.log(1000)] * 50)
+    assert ppl == pytest.approx(1000) and err == pytest.approx(0.0, abs=1e-3)
+
+
+def test_chunks_follow_llama_perplexity():
+    tokens = list(range(100, 1130))  # 1030 tokens
+    chunks = make_chunks(tokens, n_ctx=256, max_tokens=600, bos=7)
+    assert len(chunks) == 2  # budget 600 // 256
+    assert chunks[0] == [7, *range(101, 356)]
+    assert chunks[1] == [7, *range(357, 612)]
+    assert len(make_chunks(tokens, 256, 10**6, None)) == 4  # the text's 1030 // 256
+    assert make_chunks(tokens, 256, 10**6, None)[1][0] == 356  # no BOS: first token kept
+
+
+def test_cache_builds_once_and_reuses(tmp_path):
+    cache, calls = ArtifactCache(tmp_path), []
+
+    def build(tmp: Path) -> dict:
+        calls.append(1)
+        (tmp / "out.bin").write_bytes(b"x")
+        return {"size": 1}
+
+    first = cache.entry("kind", {"a": 1}, build, what="thing")
+    second = cache.entry("kind", {"a": 1}, build, what="thing")
+    other = cache.entry("kind", {"a": 2}, build, what="thing")
+    assert calls == [1, 1] and not first.hit and second.hit and not other.hit
+    assert second.path == first.path and (second.path / "out.bin").read_bytes() == b"x"
+    assert second.manifest["size"] == 1 and second.manifest["key"] == content_key({"a": 1})
+
+
+def test_cache_keeps_nothing_from_a_failed_build(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def broken(tmp: Path) -> dict:
+        (tmp / "half.bin").write_bytes(b"partial")
+        raise RuntimeError("tool crashed")
+
+    with pytest.raises(RuntimeError):
+        cache.entry("kind", {"a": 1}, broken, what="thing")
+    assert [p.name for p in (tmp_path / "kind").iterdir() if not p.name.endswith(".lock")] == []
+    rebuilt = cache.entry("kind", {"a": 1}, lambda tmp: (tmp / "ok").write_text("1") and None, what="thing")
+    assert not rebuilt.hit and (rebuilt.path / "ok").exists()
+
+
+def test_cache_rebuilds_an_entry_without_manifest(tmp_path):
+    (tmp_path / "kind" / content_key({"a": 1})).mkdir(parents=True)  # a crash left a folder behind
+    entry = ArtifactCache(tmp_path).entry("kind", {"a": 1}, lambda tmp: None, what="thing")
+    assert not entry.hit
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); count it as dead
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_run_timeout_kills_the_whole_process_group(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    with pytest.raises(QsweepError, match="timed out after 2 s"):
+        procs.run(["sh", "-c", script], log_path=tmp_path / "log", timeout_s=2, what="sleeper")
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the grandchild must die with its group"
+
+
+def test_run_failure_names_the_step_exit_code_and_log(tmp_path):
+    log = tmp_path / "step.log"
+    with pytest.raises(QsweepError) as info:
+        procs.run(["sh", "-c", "echo boom-detail; exit 3"], log_path=log, timeout_s=30, what="my step")
+    message = str(info.value)
+    assert "my step failed (exit 3)" in message and "boom-detail" in message and str(log) in message
+
+
+def test_background_child_is_killed_on_exception(tmp_path):
+    with pytest.raises(RuntimeError), procs.background(["sleep", "300"], log_path=tmp_path / "log") as proc:
+        pid = proc.pid
+        raise RuntimeError("benchmark crashed")
+    assert not _alive(pid)
+
+
+def test_background_child_is_killed_even_if_it_ignores_sigterm(tmp_path):
+    script = "trap '' TERM; sleep 300"
+    with procs.background(["sh", "-c", script], log_path=tmp_path / "log") as proc:
+        pid = proc.pid
+        time.sleep(0.3)
+    assert not _alive(pid)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_params_are_flattened_and_secrets_masked():
+    flat = tracking.flatten({"engine": {"port": 0, "api_key": "sk-123", "extra": {"hf_token": "abc"}}, "n": None})
+    assert flat == {"engine.port": "0", "engine.api_key": "***", "engine.extra.hf_token": "***", "n": ""}
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    from qsweep.engines.http import free_port
+
+    port = free_port("127.0.0.1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
