@@ -16,11 +16,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, tmp: Path, timeout_s: float = 1800) -> subprocess.CompletedProcess:
     """`python -m qsweep ARGS` with MLflow, caches and outputs under `tmp`."""
-    cmd = [sys.executable, "-m", "qsweep", *args,
-           f"paths.mlruns={tmp / 'mlruns'}", f"paths.artifact_cache={tmp / 'cache'}",
-           f"paths.outputs={tmp / 'outputs'}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "qsweep",
+        *args,
+        f"paths.mlruns={tmp / 'mlruns'}",
+        f"paths.artifact_cache={tmp / 'cache'}",
+        f"paths.outputs={tmp / 'outputs'}",
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture(scope="session")

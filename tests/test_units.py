@@ -127,7 +127,9 @@ def test_background_child_is_killed_even_if_it_ignores_sigterm(tmp_path):
 
 
 def test_params_are_flattened_and_secrets_masked():
-    flat = tracking.flatten({"engine": {"port": 0, "api_key": "sk-123", "extra": {"hf_token": "abc"}}, "n": None})
+    flat = tracking.flatten(
+        {"engine": {"port": 0, "api_key": "sk-123", "extra": {"hf_token": "abc"}}, "n": None}
+    )
     assert flat == {"engine.port": "0", "engine.api_key": "***", "engine.extra.hf_token": "***", "n": ""}
 
 
@@ -141,3 +143,18 @@ def test_free_port_is_bindable():
         sock.bind(("127.0.0.1", port))
 
 
+def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    def full(tmp: Path) -> dict:
+        (tmp / "part").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(QsweepError, match="disk full while building the thing.*larger disk"):
+        ArtifactCache(tmp_path).entry("kind", {"a": 1}, full, what="the thing")
+    assert [p.name for p in (tmp_path / "kind").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_missing_executable_is_one_clear_error(tmp_path):
+    with pytest.raises(QsweepError, match="cannot start /no/such/tool"):
+        procs.run(["/no/such/tool"], log_path=tmp_path / "log", timeout_s=5, what="tool")

@@ -66,7 +66,9 @@ class ArtifactCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def entry(self, kind: str, key_parts: dict, build: Callable[[Path], dict | None], what: str) -> CacheEntry:
+    def entry(
+        self, kind: str, key_parts: dict, build: Callable[[Path], dict | None], what: str
+    ) -> CacheEntry:
         """Return the entry for `key_parts`, running `build(tmp_dir)` first if it is not cached.
 
         `build` writes its files into tmp_dir and may return extra manifest fields.

@@ -29,3 +29,4 @@ class Artifact:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)  # how it was built, also when it came from the cache

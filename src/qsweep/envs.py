@@ -47,7 +47,9 @@ class StageEnv:
 
     @property
     def site_packages(self) -> Path:
-        return self.root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        return (
+            self.root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        )
 
     @property
     def share(self) -> Path:
@@ -74,7 +76,9 @@ class StageEnv:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        env["PATH"] = os.pathsep.join([str(self.root / "bin"), str(self.site_packages / "bin"), env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join(
+            [str(self.root / "bin"), str(self.site_packages / "bin"), env.get("PATH", "")]
+        )
         libs = [str(self.site_packages / "lib"), str(self.site_packages / "llama_cpp" / "lib")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
         env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -116,7 +120,10 @@ def llama_cmake_args() -> str:
 def _pip(env: StageEnv, *args: str, log: Path, what: str, timeout_s: float = 1800, **extra_env: str) -> None:
     procs.run(
         [env.python, "-m", "pip", "install", "--disable-pip-version-check", *args],
-        log_path=log, timeout_s=timeout_s, what=what, env=env.environ(**extra_env),
+        log_path=log,
+        timeout_s=timeout_s,
+        what=what,
+        env=env.environ(**extra_env),
     )
 
 
@@ -134,8 +141,22 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
     home = env.root.parent.parent
     downloads, build = home / "downloads", home / "build"
     procs.run(
-        [env.python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", downloads, LLAMA_CPP_PYTHON],
-        log_path=log, timeout_s=900, what="download llama-cpp-python sdist", env=env.environ(),
+        [
+            env.python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            downloads,
+            LLAMA_CPP_PYTHON,
+        ],
+        log_path=log,
+        timeout_s=900,
+        what="download llama-cpp-python sdist",
+        env=env.environ(),
     )
     version = LLAMA_CPP_PYTHON.split("==")[1]
     sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
@@ -148,7 +169,10 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
     print(f"[qsweep]   compiling llama.cpp (about 5 min on 2 cores; log: {log})", flush=True)
     procs.run(
         [env.python, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-v", src],
-        log_path=log, timeout_s=3600, what="build llama.cpp", progress=_ninja_progress(log),
+        log_path=log,
+        timeout_s=3600,
+        what="build llama.cpp",
+        progress=_ninja_progress(log),
         env=env.environ(CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2)),
     )
     vendored = src / "vendor" / "llama.cpp"
@@ -161,13 +185,16 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
     shutil.copytree(vendored / "gguf-py", share / "gguf-py")
     for tool in LLAMA_TOOLS:
         env.tool(tool)
+    return {"llama_cpp_python": version, "llama_cpp_build": llama_build_id(env), "cmake_args": cmake_args}
+
+
+def llama_build_id(env: StageEnv) -> str:
+    """'<version>-<commit>' from `llama-server --version`, e.g. '0.5.0-dev-0c1e570'."""
     banner = procs.output([env.tool("llama-server"), "--version"], timeout_s=60, env=env.environ())
-    match = re.search(r"version: (\d+) \((\w+)\)", banner)
-    return {
-        "llama_cpp_python": version,
-        "llama_cpp_build": f"b{match.group(1)}-{match.group(2)}" if match else "unknown",
-        "cmake_args": cmake_args,
-    }
+    match = re.search(r"version: (\S+) \(.*?commit (\w+)\)", banner)
+    if not match:
+        raise QsweepError(f"cannot read llama.cpp's version from llama-server --version: {banner[:200]!r}")
+    return f"{match.group(1)}-{match.group(2)}"
 
 
 @dataclass(frozen=True)
@@ -208,18 +235,26 @@ def setup(names: list[str], home: Path, force: bool = False) -> None:
         log = home / "envs" / f"{name}.setup.log"
         log.unlink(missing_ok=True)
         if not env.python.exists():
-            procs.run([sys.executable, "-m", "venv", env.root], log_path=log, timeout_s=300, what="create venv")
+            procs.run(
+                [sys.executable, "-m", "venv", env.root], log_path=log, timeout_s=300, what="create venv"
+            )
         _pip(env, "-r", str(spec.requirements), log=log, what=f"install {spec.requirements.name}")
         info = spec.build(env, log) if spec.build else {}
         freeze = procs.output([env.python, "-m", "pip", "freeze"], timeout_s=120, env=env.environ())
-        info.update(fingerprint=fingerprint, name=name, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    packages=sorted(freeze.split()))
+        info.update(
+            fingerprint=fingerprint,
+            name=name,
+            built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            packages=sorted(freeze.split()),
+        )
         stamp.write_text(json.dumps(info, indent=1))
         print(f"[qsweep] stage environment '{name}' ready in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qsweep.envs", description="Build qsweep's stage environments.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qsweep.envs", description="Build qsweep's stage environments."
+    )
     parser.add_argument("command", choices=["setup", "list"])
     parser.add_argument("names", nargs="*", help=f"environments (default: all of {', '.join(STAGE_ENVS)})")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
@@ -228,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or list(STAGE_ENVS)
     unknown = sorted(set(names) - set(STAGE_ENVS))
     if unknown:
-        print(f"qsweep: unknown stage environment {unknown}; choose from {', '.join(STAGE_ENVS)}", file=sys.stderr)
+        print(
+            f"qsweep: unknown stage environment {unknown}; choose from {', '.join(STAGE_ENVS)}",
+            file=sys.stderr,
+        )
         return 2
     if args.command == "list":
         for name in names:

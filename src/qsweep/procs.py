@@ -28,10 +28,8 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     # The leader may be gone while children it spawned still run in the group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -54,43 +52,28 @@ def run(
 
     Raises QsweepError naming the step, the exit code, the log's last lines and its path.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        try:
-            next_note = started + progress_every_s
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - started > timeout_s:
-                    raise QsweepError(
-                        f"{what} timed out after {timeout_s:.0f} s (raise its timeout_s); log: {log_path}"
-                    )
-                if now >= next_note:
-                    detail = progress() if progress else ""
-                    print(f"[qsweep]   {what}: running {now - started:.0f} s {detail}".rstrip(), flush=True)
-                    next_note = now + progress_every_s
-                time.sleep(0.2)
-        finally:
-            kill_group(proc)
+    with background(cmd, log_path=log_path, env=env, cwd=cwd) as proc:
+        next_note = started + progress_every_s
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise QsweepError(
+                    f"{what} timed out after {timeout_s:.0f} s (raise its timeout_s); log {log_path}"
+                )
+            if now >= next_note:
+                detail = progress() if progress else ""
+                print(f"[qsweep]   {what}: running {now - started:.0f} s {detail}".rstrip(), flush=True)
+                next_note = now + progress_every_s
+            time.sleep(0.2)
     if proc.returncode != 0:
-        raise QsweepError(
-            f"{what} failed (exit {proc.returncode}): {tail(log_path)} (log: {log_path})"
-        )
+        raise QsweepError(f"{what} failed (exit {proc.returncode}): {tail(log_path)} (log: {log_path})")
     return time.monotonic() - started
 
 
-def output(cmd: Sequence[str | os.PathLike], *, timeout_s: float, env: Mapping[str, str] | None = None) -> str:
+def output(
+    cmd: Sequence[str | os.PathLike], *, timeout_s: float, env: Mapping[str, str] | None = None
+) -> str:
     """Run a short command and return its stdout+stderr; '' if it cannot run at all."""
     try:
         done = subprocess.run(
@@ -112,20 +95,26 @@ def background(
     *,
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """A long-running child (a server) in its own process group, killed on exit from the block."""
+    """A child in its own process group with output appended to `log_path`, killed with its whole
+    group on exit from the block (normal exit too: it also reaps grandchildren left behind)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as err:
+            raise QsweepError(f"cannot start {cmd[0]}: {err.strerror}; run ./setup.sh") from None
         try:
             yield proc
         finally:

@@ -61,7 +61,9 @@ def materialize(text: TextConfig, cache: ArtifactCache) -> tuple[Path, str]:
         end = None if text.max_chars is None else text.offset_chars + text.max_chars
         piece = content[text.offset_chars : end]
         if not piece.strip():
-            raise QsweepError(f"text '{text.name}' is empty after offset {text.offset_chars}: lower offset_chars")
+            raise QsweepError(
+                f"text '{text.name}' is empty after offset {text.offset_chars}: lower offset_chars"
+            )
         (tmp / "text.txt").write_text(piece, encoding="utf-8")
         return {"chars": len(piece)}
 

@@ -71,7 +71,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
 def run_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, str]:
     params = {}
     for group in PARAM_GROUPS:
-        params.update(flatten(OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True), f"{group}."))
+        params.update(
+            flatten(OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True), f"{group}.")
+        )
     params.update({f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")})
     return params
 
@@ -137,8 +139,12 @@ class SweepCallback(Callback):
         run = client.create_run(
             experiment_id,
             run_name=f"sweep {sweep_dir.name}",
-            tags={**environment_tags(), "qsweep.kind": "sweep", "qsweep.sweep_dir": str(sweep_dir),
-                  "qsweep.command": " ".join(config.hydra.overrides.task)},
+            tags={
+                **environment_tags(),
+                "qsweep.kind": "sweep",
+                "qsweep.sweep_dir": str(sweep_dir),
+                "qsweep.command": " ".join(config.hydra.overrides.task),
+            },
         )
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
         print(f"[qsweep] sweep {sweep_dir.name}: MLflow parent run {run.info.run_id}", flush=True)
@@ -150,7 +156,9 @@ class SweepCallback(Callback):
             return
         client, experiment_id = client_for(config)
         children = client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.start_time ASC"]
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+            order_by=["attributes.start_time ASC"],
         )
         print(summary_table(children), flush=True)
         failed = [c for c in children if c.info.status != "FINISHED"]

@@ -54,7 +54,8 @@ def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
     chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, bos)
     if not chunks:
         raise QsweepError(
-            f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: use a longer text"
+            f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: "
+            "use a longer text or a smaller n_ctx"
         )
     first = cfg.n_ctx // 2
     print(f"[qsweep]   perplexity over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)

@@ -40,7 +40,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise QsweepError(f"{what} exited with code {proc.returncode} while starting: {tail(log)} (log: {log})")
+            raise QsweepError(
+                f"{what} exited with code {proc.returncode} while starting: {tail(log)} (log: {log})"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -48,4 +50,6 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, 
         except (urllib.error.URLError, TimeoutError, ConnectionError):
             pass  # not listening yet, or 503 while the model loads
         time.sleep(0.25)
-    raise QsweepError(f"{what} did not become healthy within {timeout_s:.0f} s (raise startup_timeout_s); log: {log}")
+    raise QsweepError(
+        f"{what} did not become healthy within {timeout_s:.0f} s (raise startup_timeout_s); log: {log}"
+    )

@@ -44,7 +44,14 @@ class ServedModel:
     """A running llama-server plus in-process scoring on the same GGUF."""
 
     def __init__(self, cfg: Config, artifact: Artifact, url: str, start_s: float, log: Path, ctx: JobContext):
-        self.cfg, self.artifact, self.url, self.start_s, self.log, self.ctx = cfg, artifact, url, start_s, log, ctx
+        self.cfg, self.artifact, self.url, self.start_s, self.log, self.ctx = (
+            cfg,
+            artifact,
+            url,
+            start_s,
+            log,
+            ctx,
+        )
         self.env = StageEnv(ENV)
 
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, float]:
@@ -61,9 +68,18 @@ class ServedModel:
         out = self.ctx.log_dir / f"score-{time.monotonic_ns()}.json"
         try:
             procs.run(
-                [*self.env.script("llamacpp_score.py"), *args, "--model", self.artifact.path, "--out", out,
-                 *(["--threads", self.cfg.threads] if self.cfg.threads else [])],
-                log_path=self.ctx.log("scoring.log"), timeout_s=timeout_s, what="llama.cpp scoring",
+                [
+                    *self.env.script("llamacpp_score.py"),
+                    *args,
+                    "--model",
+                    self.artifact.path,
+                    "--out",
+                    out,
+                    *(["--threads", self.cfg.threads] if self.cfg.threads else []),
+                ],
+                log_path=self.ctx.log("scoring.log"),
+                timeout_s=timeout_s,
+                what="llama.cpp scoring",
                 env=self.env.environ(),
             )
             return json.loads(out.read_text())
@@ -80,8 +96,9 @@ class ServedModel:
         path = self.ctx.log_dir / "chunks.json"
         path.write_text(json.dumps({"chunks": chunks}))
         try:
-            return self._score_script("score", "--chunks", path, "--first", str(first),
-                                      timeout_s=timeout_s)["logprobs"]
+            return self._score_script("score", "--chunks", path, "--first", str(first), timeout_s=timeout_s)[
+                "logprobs"
+            ]
         finally:
             path.unlink(missing_ok=True)
 
@@ -96,8 +113,18 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[ServedMo
     url = f"http://{cfg.host}:{port}"
     log = ctx.log("server.log")
     cmd = [
-        env.tool("llama-server"), "-m", artifact.path, "--host", cfg.host, "--port", port,
-        "-c", cfg.ctx_size, "-np", cfg.parallel, "--no-webui",
+        env.tool("llama-server"),
+        "-m",
+        artifact.path,
+        "--host",
+        cfg.host,
+        "--port",
+        port,
+        "-c",
+        cfg.ctx_size,
+        "-np",
+        cfg.parallel,
+        "--no-webui",
         *(["-t", cfg.threads] if cfg.threads else []),
         *(["-ngl", cfg.n_gpu_layers] if cfg.n_gpu_layers is not None else []),
         *cfg.extra_args,
@@ -105,5 +132,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[ServedMo
     started = time.monotonic()
     print(f"[qsweep]   starting llama-server on {url} (-c {cfg.ctx_size} -np {cfg.parallel})", flush=True)
     with procs.background(cmd, log_path=log, env=env.environ()) as proc:
-        http.wait_healthy(f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="llama-server")
+        http.wait_healthy(
+            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="llama-server"
+        )
         yield ServedModel(cfg, artifact, url, time.monotonic() - started, log, ctx)

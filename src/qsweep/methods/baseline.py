@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from qsweep.context import Artifact, JobContext
 from qsweep.errors import QsweepError
-from qsweep.methods.gguf import GgufOuttype, artifact_from, f16_gguf
+from qsweep.methods.gguf import ENV, GgufOuttype, artifact_from, f16_gguf
 from qsweep.models import PreparedModel
 
+__all__ = ["ENV", "FORMATS", "Config", "build"]
 FORMATS = ("gguf",)  # the HF checkpoint itself joins when an engine serves it
 
 

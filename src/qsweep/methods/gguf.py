@@ -5,6 +5,7 @@ share the f16 file or the imatrix build it once."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,6 +21,7 @@ from qsweep.models import PreparedModel
 from qsweep.textdata import TextConfig, materialize
 
 ENV = "llamacpp"
+BUILD_LOG = "build.log"  # each cache entry keeps the log of the steps that built it
 FORMATS = ("gguf",)  # artifact formats this method makes
 
 
@@ -73,8 +75,13 @@ def llama_build() -> str:
 def inspect_gguf(path: Path, out: Path, log: Path) -> dict:
     """Tensor-type mix, parameter count and bits per weight of a GGUF file."""
     env = StageEnv(ENV)
-    procs.run([*env.script("gguf_info.py"), path, out], log_path=log, timeout_s=600,
-              what=f"inspect {path.name}", env=env.environ())
+    procs.run(
+        [*env.script("gguf_info.py"), path, out],
+        log_path=log,
+        timeout_s=600,
+        what=f"inspect {path.name}",
+        env=env.environ(),
+    )
     return json.loads(out.read_text())
 
 
@@ -89,11 +96,23 @@ def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> Cac
         out = tmp / f"model-{outtype.value}.gguf"
         print(f"[qsweep]   converting {model.name} to GGUF {outtype.value}", flush=True)
         procs.run(
-            [env.python, env.share / "llama.cpp" / "convert_hf_to_gguf.py", model.path,
-             "--outtype", outtype.value, "--outfile", out],
-            log_path=log, timeout_s=7200, what=f"convert {model.name} to GGUF", env=env.environ(),
+            [
+                env.python,
+                env.share / "llama.cpp" / "convert_hf_to_gguf.py",
+                model.path,
+                "--outtype",
+                outtype.value,
+                "--outfile",
+                out,
+            ],
+            log_path=log,
+            timeout_s=7200,
+            what=f"convert {model.name} to GGUF",
+            env=env.environ(),
         )
-        return {"file": out.name, "gguf": inspect_gguf(out, tmp / "gguf_info.json", log)}
+        info = inspect_gguf(out, tmp / "gguf_info.json", log)
+        shutil.copy2(log, tmp / BUILD_LOG)
+        return {"file": out.name, "gguf": info}
 
     return ctx.artifact_cache.entry("gguf-base", key, build, what=f"{outtype.value} GGUF of {model.name}")
 
@@ -102,18 +121,41 @@ def imatrix(cfg: Config, base: CacheEntry, ctx: JobContext) -> CacheEntry:
     """An importance matrix computed by llama-imatrix on the calibration text."""
     env = StageEnv(ENV)
     text, text_sha = materialize(cfg.imatrix_text, ctx.artifact_cache)
-    key = {"base": base.manifest["key"], "text": text_sha, "chunks": cfg.imatrix_chunks,
-           "ctx": cfg.imatrix_ctx, "llama_cpp": llama_build()}
+    key = {
+        "base": base.manifest["key"],
+        "text": text_sha,
+        "chunks": cfg.imatrix_chunks,
+        "ctx": cfg.imatrix_ctx,
+        "llama_cpp": llama_build(),
+    }
     log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
-        print(f"[qsweep]   computing importance matrix ({cfg.imatrix_chunks} x {cfg.imatrix_ctx} tokens)", flush=True)
-        procs.run(
-            [env.tool("llama-imatrix"), "-m", base.path / base.manifest["file"], "-f", text,
-             "-o", tmp / "imatrix.gguf", "--chunks", cfg.imatrix_chunks, "-c", cfg.imatrix_ctx,
-             *(["-t", cfg.threads] if cfg.threads else [])],
-            log_path=log, timeout_s=cfg.timeout_s, what="llama-imatrix", env=env.environ(),
+        print(
+            f"[qsweep]   computing importance matrix ({cfg.imatrix_chunks} x {cfg.imatrix_ctx} tokens)",
+            flush=True,
         )
+        procs.run(
+            [
+                env.tool("llama-imatrix"),
+                "-m",
+                base.path / base.manifest["file"],
+                "-f",
+                text,
+                "-o",
+                tmp / "imatrix.gguf",
+                "--chunks",
+                cfg.imatrix_chunks,
+                "-c",
+                cfg.imatrix_ctx,
+                *(["-t", cfg.threads] if cfg.threads else []),
+            ],
+            log_path=log,
+            timeout_s=cfg.timeout_s,
+            what="llama-imatrix",
+            env=env.environ(),
+        )
+        shutil.copy2(log, tmp / BUILD_LOG)
         return {"file": "imatrix.gguf"}
 
     return ctx.artifact_cache.entry("imatrix", key, build, what="importance matrix")
@@ -138,9 +180,15 @@ def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str) -> Art
             # Time the chain took when it was built (maybe by an earlier sweep): cache hits cost ~0.
             "quantize_s": sum(e.build_s for e in chain),
         },
-        params={"artifact.type": label, "gguf.tensor_types": summarize_types(info),
-                "artifact.cache_key": entry.manifest["key"]},
+        params={
+            "artifact.type": label,
+            "gguf.tensor_types": summarize_types(info),
+            "artifact.cache_key": entry.manifest["key"],
+        },
         info=info,
+        logs={
+            f"{e.manifest['kind']}.log": e.path / BUILD_LOG for e in chain if (e.path / BUILD_LOG).exists()
+        },
     )
 
 
@@ -154,23 +202,36 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
     if cfg.imatrix:
         imat = imatrix(cfg, base, ctx)
         chain.append(imat)
-    key = {"base": base.manifest["key"], "type": cfg.quant_type.value,
-           "imatrix": imat.manifest["key"] if imat else None,
-           "leave_output_tensor": cfg.leave_output_tensor, "llama_cpp": llama_build()}
+    key = {
+        "base": base.manifest["key"],
+        "type": cfg.quant_type.value,
+        "imatrix": imat.manifest["key"] if imat else None,
+        "leave_output_tensor": cfg.leave_output_tensor,
+        "llama_cpp": llama_build(),
+    }
     log = ctx.log("quantize.log")
 
     def quantize(tmp: Path) -> dict:
         out = tmp / f"model-{cfg.quant_type.value}.gguf"
         print(f"[qsweep]   llama-quantize {cfg.quant_type.value}", flush=True)
         procs.run(
-            [env.tool("llama-quantize"),
-             *(["--imatrix", imat.path / imat.manifest["file"]] if imat else []),
-             *(["--leave-output-tensor"] if cfg.leave_output_tensor else []),
-             base.path / base.manifest["file"], out, cfg.quant_type.value,
-             *([cfg.threads] if cfg.threads else [])],
-            log_path=log, timeout_s=cfg.timeout_s, what=f"llama-quantize {cfg.quant_type.value}", env=env.environ(),
+            [
+                env.tool("llama-quantize"),
+                *(["--imatrix", imat.path / imat.manifest["file"]] if imat else []),
+                *(["--leave-output-tensor"] if cfg.leave_output_tensor else []),
+                base.path / base.manifest["file"],
+                out,
+                cfg.quant_type.value,
+                *([cfg.threads] if cfg.threads else []),
+            ],
+            log_path=log,
+            timeout_s=cfg.timeout_s,
+            what=f"llama-quantize {cfg.quant_type.value}",
+            env=env.environ(),
         )
-        return {"file": out.name, "gguf": inspect_gguf(out, tmp / "gguf_info.json", log)}
+        info = inspect_gguf(out, tmp / "gguf_info.json", log)
+        shutil.copy2(log, tmp / BUILD_LOG)
+        return {"file": out.name, "gguf": info}
 
     entry = ctx.artifact_cache.entry("gguf", key, quantize, what=f"{cfg.quant_type.value} GGUF")
     chain.append(entry)

@@ -12,13 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-
 # Pre-tokenizers of byte-level BPE vocabularies, by the name llama.cpp records in tokenizer.ggml.pre.
 # transformers rebuilds a GGUF tokenizer without them (and with byte_fallback on), which makes
 # llama.cpp's converter take it for a SentencePiece vocabulary and tokenises digits differently.
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 PRE_TOKENIZERS = {
-    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL],
+    },
     "gpt-2": BYTE_LEVEL,
 }
 
@@ -27,8 +29,14 @@ def gguf_fields(path: Path) -> dict:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    wanted = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-              "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id")
+    wanted = (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    )
     return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
 
 
@@ -51,13 +59,17 @@ def repair_tokenizer(gguf_file: Path, out_dir: Path) -> None:
     id_to_token = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
     config = json.loads(cfg_path.read_text())
     for name in ("bos", "eos", "unk", "pad"):
-        key = f"tokenizer.ggml.{'padding' if name == 'pad' else 'unknown' if name == 'unk' else name}_token_id"
+        key = (
+            f"tokenizer.ggml.{'padding' if name == 'pad' else 'unknown' if name == 'unk' else name}_token_id"
+        )
         token_id = fields.get(key)
         if token_id is not None and token_id in id_to_token:
             config[f"{name}_token"] = id_to_token[token_id]
             config.pop(f"{name}_token_id", None)
     config["clean_up_tokenization_spaces"] = False
-    config["add_bos_token"] = False if fields.get("tokenizer.ggml.model") == "gpt2" else config.get("add_bos_token")
+    config["add_bos_token"] = (
+        False if fields.get("tokenizer.ggml.model") == "gpt2" else config.get("add_bos_token")
+    )
     cfg_path.write_text(json.dumps(config, ensure_ascii=False, indent=1))
 
 

@@ -4,7 +4,7 @@ llama-server returns log-probs of generated tokens only, so prompt log-probs for
 from here. Runs inside the llamacpp stage environment; imports nothing from qsweep.
 
   tokenize --model F.gguf --text T.txt --out tokens.json
-      -> {"tokens": [...], "bos": id or null}   (BOS added when the model asks for it, as llama-perplexity does)
+      -> {"tokens": [...], "bos": id or null}   (BOS added where the model asks for it)
   score --model F.gguf --chunks chunks.json --first K --out scores.json
       -> {"logprobs": [[logprob of chunk[j+1] given chunk[:j+1]] for j in K .. len-2] per chunk}
 """
@@ -60,7 +60,11 @@ def score(args: argparse.Namespace) -> dict:
         logz = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
         targets = np.asarray(chunk[args.first + 1 :])
         out.append((rows[np.arange(len(targets)), targets] - logz).tolist())
-        print(f"scored chunk {i + 1}/{len(chunks)} ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
+        print(
+            f"scored chunk {i + 1}/{len(chunks)} ({time.monotonic() - started:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"logprobs": out}
 
 

