@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import re
 import socket
 import time
 import traceback
@@ -19,7 +20,8 @@ import qsweep
 from qsweep.errors import QsweepError
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
+# The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 # Groups whose settings become run params; paths and tracking are machine-specific, not the experiment.
 PARAM_GROUPS = ("model", "method", "engine", "benchmark")
 
@@ -64,7 +66,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     else:
         key = prefix.rstrip(".")
         text = "" if node is None else str(node)
-        out[key] = "***" if any(word in key.lower() for word in SECRET_WORDS) and text else text[:6000]
+        out[key] = "***" if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text else text[:6000]
     return out
 
 
