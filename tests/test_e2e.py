@@ -79,3 +79,82 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):
     assert [r.info.status for r in children] == ["FAILED", "FAILED"]
     assert all("llama-server exited" in r.data.tags["qsweep.error"] for r in children)
     assert [r.info.status for r in every if r.data.tags.get("qsweep.kind") == "sweep"] == ["FAILED"]
+
+
+def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, llamacpp_env):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "qsweep",
+        "-m",
+        "method=none",
+        f"paths.mlruns={tmp_path / 'mlruns'}",
+        f"paths.artifact_cache={tmp_path / 'cache'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = []
+    deadline = time.monotonic() + 600
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "stage benchmark_ppl ..." in line or time.monotonic() > deadline:
+                break
+        assert _children_running(str(tmp_path)), "llama-server should be up during the benchmark"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # faulthandler: where is it stuck?
+            time.sleep(2)
+            proc.kill()
+            raise AssertionError(
+                "qsweep did not stop after SIGTERM:\n" + proc.communicate()[0][-6000:]
+            ) from None
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(seen[-20:]) + rest
+    assert "interrupted" in rest
+    time.sleep(1)
+    assert not _children_running(str(tmp_path)), "no server or scorer may outlive the sweep"
+    _, every = runs(tmp_path)
+    assert sorted(r.info.status for r in every) == ["KILLED", "KILLED"]  # the job and its sweep
+
+
+def _children_running(marker: str) -> list[str]:
+    """Live processes whose command line mentions `marker` (servers and scorers of this test)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if (
+            marker in cmdline
+            and state != "Z"
+            and "-m qsweep" not in cmdline
+            and int(proc.name) != os.getpid()
+        ):
+            found.append(cmdline)
+    return found

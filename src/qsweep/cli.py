@@ -4,6 +4,7 @@ sweep, so a typo in job 5 fails in a second with one line instead of after four 
 from __future__ import annotations
 
 import difflib
+import faulthandler
 import itertools
 import re
 import signal
@@ -14,7 +15,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from qsweep import config, job, models
+from qsweep import config, job, models, procs
 from qsweep.benchmarks import BENCHMARKS
 from qsweep.engines import ENGINES
 from qsweep.envs import REPO_ROOT
@@ -116,16 +117,15 @@ def hydra_main(cfg: DictConfig) -> str:
     return job.run_job(cfg)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     """Entry point: pre-flight, then Hydra; exit 2 on bad input, 1 if any job failed."""
     from hydra._internal.utils import get_args_parser
 
     config.register()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` blocks stop servers on SIGTERM too
+    # Ctrl-C and SIGTERM both unwind through `finally` blocks, which stop servers and mark runs KILLED.
+    signal.signal(signal.SIGTERM, procs.request_stop)
+    signal.signal(signal.SIGINT, procs.request_stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where it is
     sys.argv.append(SEARCH_PATH)
     args, _ = get_args_parser().parse_known_args(sys.argv[1:])
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion

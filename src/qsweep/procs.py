@@ -4,6 +4,7 @@ killed with its whole group whatever happens (error, timeout, Ctrl-C)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -21,6 +22,34 @@ def tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+
+
+_stop_requested = False
+
+
+def request_stop(signum: int, frame: object = None) -> None:
+    """Signal handler for SIGINT/SIGTERM: raise KeyboardInterrupt now, and remember the request.
+
+    Python drops an exception raised while it runs at-fork callbacks (a signal landing during a
+    child's fork), so every polling loop also calls `check_stop()`: the request is never lost."""
+    global _stop_requested
+    _stop_requested = True
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def check_stop() -> None:
+    if _stop_requested:
+        raise KeyboardInterrupt("stop requested")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if qsweep dies, even by SIGKILL, which no `finally`
+    survives (Linux only; elsewhere the process-group cleanup below is all there is)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -56,6 +85,7 @@ def run(
     with background(cmd, log_path=log_path, env=env, cwd=cwd) as proc:
         next_note = started + progress_every_s
         while proc.poll() is None:
+            check_stop()
             now = time.monotonic()
             if now - started > timeout_s:
                 raise QsweepError(
@@ -112,6 +142,7 @@ def background(
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as err:
             raise QsweepError(f"cannot start {cmd[0]}: {err.strerror}; run ./setup.sh") from None

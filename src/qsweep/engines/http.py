@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from qsweep.errors import QsweepError
-from qsweep.procs import tail
+from qsweep.procs import check_stop, tail
 
 
 def free_port(host: str) -> int:
@@ -39,6 +39,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, 
     """Poll `url` until it answers 200; fail fast if the server exits, or after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        check_stop()
         if proc.poll() is not None:
             raise QsweepError(
                 f"{what} exited with code {proc.returncode} while starting: {tail(log)} (log: {log})"
