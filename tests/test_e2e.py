@@ -158,3 +158,26 @@ def _children_running(marker: str) -> list[str]:
         ):
             found.append(cmdline)
     return found
+
+
+def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):
+    from qsweep.textdata import package_file
+
+    checkpoint = tmp_path / "my-smollm"
+    checkpoint.symlink_to(smollm2.path, target_is_directory=True)
+    text = tmp_path / "story.txt"
+    text.write_text(
+        package_file("exllamav2", "exllamav2/conversion/standard_cal_data/c4.utf8").read_text()[:20000]
+    )
+    done = run_cli(
+        f"model.path={checkpoint}",
+        f"benchmark.ppl.text.path={text}",
+        "benchmark.ppl.max_tokens=1024",
+        tmp=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, every = runs(tmp_path)
+    assert len(every) == 1 and every[0].info.status == "FINISHED"
+    assert every[0].info.run_name == "my-smollm/none/llamacpp"
+    assert every[0].data.params["benchmark.ppl.text.path"] == str(text)
+    assert every[0].data.metrics["ppl_chunks"] == 2 and every[0].data.metrics["ppl"] > 1

