@@ -18,8 +18,8 @@ REFUSED = {"local": "model.path"}
 
 
 def test_every_group_has_options():
-    assert OPTIONS["method"] == ["gguf-iq4_xs", "gguf-q4_k_m", "none"]
-    assert "smollm2-135m" in OPTIONS["model"] and "llamacpp" in OPTIONS["engine"]
+    assert OPTIONS["method"] == ["awq", "fp8", "gguf-iq4_xs", "gguf-q4_k_m", "gptq", "none"]
+    assert "smollm2-135m" in OPTIONS["model"] and OPTIONS["engine"] == ["llamacpp", "vllm"]
 
 
 @pytest.mark.parametrize("model,method,engine", list(itertools.product(*(OPTIONS[g] for g in GROUPS))))

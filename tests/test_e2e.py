@@ -181,3 +181,33 @@ def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):
     assert every[0].info.run_name == "my-smollm/none/llamacpp"
     assert every[0].data.params["benchmark.ppl.text.path"] == str(text)
     assert every[0].data.metrics["ppl_chunks"] == 2 and every[0].data.metrics["ppl"] > 1
+
+
+def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamacpp_env):
+    done = run_cli(
+        "-m",
+        "method=none,gptq,gguf-q4_k_m",
+        "engine=vllm,llamacpp",
+        "benchmark.ppl.max_tokens=1024",
+        "calibration.num_samples=4",
+        "calibration.seq_len=128",
+        tmp=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "6 job(s) composed and checked" in done.stdout
+    assert "will skip gptq x llamacpp: llamacpp serves gguf artifacts; method gptq makes hf" in done.stdout
+    assert "will skip gguf-q4_k_m x vllm" in done.stdout
+    _, every = runs(tmp_path)
+    children = {r.info.run_name: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children.values())
+    skipped = {name for name, r in children.items() if "qsweep.skipped" in r.data.tags}
+    assert skipped == {"smollm2-135m/gptq/llamacpp", "smollm2-135m/gguf-q4_k_m/vllm"}
+    for name, run in children.items():
+        assert (name in skipped) == ("ppl" not in run.data.metrics), name
+    ppl = {name: r.data.metrics.get("ppl") for name, r in children.items()}
+    assert ppl["smollm2-135m/gptq/vllm"] > ppl["smollm2-135m/none/vllm"]
+    assert ppl["smollm2-135m/gguf-q4_k_m/llamacpp"] > ppl["smollm2-135m/none/llamacpp"]
+    # each artifact was built exactly once: one cache entry per kind
+    for kind in ("hf-quantized", "gguf-base", "gguf"):
+        assert len([p for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()]) == 1, kind
+    assert "SKIPPED" in done.stdout  # the summary table names the skipped pairs

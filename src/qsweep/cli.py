@@ -15,7 +15,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from qsweep import config, job, models, procs
+from qsweep import compat, config, job, models, procs
 from qsweep.benchmarks import BENCHMARKS
 from qsweep.engines import ENGINES
 from qsweep.envs import REPO_ROOT
@@ -82,21 +82,20 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
         raise QsweepError(f"{err.full_key} has no value: set {err.full_key}=...") from None
-    method, engine = METHODS.get(cfg.method.kind), ENGINES.get(cfg.engine.kind)
-    if not set(method.FORMATS) & set(engine.FORMATS):
-        raise QsweepError(f"method {cfg.method.name} cannot be served by engine {cfg.engine.name}")
+    method = METHODS.get(cfg.method.kind)
+    ENGINES.get(cfg.engine.kind)
+    if hasattr(method, "check"):
+        method.check(OmegaConf.to_object(cfg.method))
     models.check(OmegaConf.to_object(cfg.model))
     for name, node in cfg.benchmark.items():
         if node is not None:
             BENCHMARKS.get(name)
             if "text" in node:
                 source_file(OmegaConf.to_object(node.text))
-    if cfg.method.get("imatrix"):
-        source_file(OmegaConf.to_object(cfg.method.imatrix_text))
 
 
-def preflight(overrides: list[str], multirun: bool) -> int:
-    """Compose and validate every job; return how many there are, or raise QsweepError."""
+def preflight(overrides: list[str], multirun: bool) -> tuple[int, list[str]]:
+    """Compose and validate every job; return how many there are and why some will be skipped."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3", job_name="qsweep"):
@@ -104,12 +103,17 @@ def preflight(overrides: list[str], multirun: bool) -> int:
             jobs = expand_jobs(overrides, multirun)
         except (OmegaConfBaseException, hydra.errors.HydraException) as err:
             raise QsweepError(_one_line(err)) from None
+        skipped = []
         for job_overrides in jobs:
             try:
-                validate(compose("config", overrides=job_overrides))
+                cfg = compose("config", overrides=job_overrides)
+                validate(cfg)
+                reason = compat.skip_reason(cfg)
+                if reason:
+                    skipped.append(f"{cfg.method.name} x {cfg.engine.name}: {reason}")
             except (OmegaConfBaseException, hydra.errors.HydraException) as err:
                 raise QsweepError(_one_line(err)) from None
-    return len(jobs)
+    return len(jobs), skipped
 
 
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
@@ -131,11 +135,13 @@ def main() -> None:
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if not informational:
         try:
-            count = preflight(args.overrides, args.multirun)
+            count, skipped = preflight(args.overrides, args.multirun)
         except QsweepError as err:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
         print(f"[qsweep] {count} job(s) composed and checked", flush=True)
+        for line in skipped:
+            print(f"[qsweep]   will skip {line}", flush=True)
     try:
         hydra_main()
     except KeyboardInterrupt:

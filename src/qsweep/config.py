@@ -13,9 +13,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from qsweep.benchmarks import ppl
-from qsweep.engines import llamacpp
+from qsweep.engines import llamacpp, vllm
 from qsweep.envs import REPO_ROOT, default_home
-from qsweep.methods import baseline, gguf
+from qsweep.methods import baseline, gguf, llmcompressor
+from qsweep.methods.llmcompressor import CalibrationConfig
 from qsweep.models import ModelConfig
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -49,6 +50,9 @@ class QsweepConfig:
     method: Any = MISSING  # a method schema, chosen by the method's YAML
     engine: Any = MISSING  # an engine schema, chosen by the engine's YAML
     benchmark: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    # Calibration data shared by every calibrated method of a sweep (methods point at it with
+    # ${calibration}), so `calibration.num_samples=8` applies across a sweep of mixed methods.
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -57,7 +61,9 @@ SCHEMAS = {
     # (group, name): (schema, package)
     ("method", "baseline_schema"): (baseline.Config, None),
     ("method", "gguf_schema"): (gguf.Config, None),
+    ("method", "llmcompressor_schema"): (llmcompressor.Config, None),
     ("engine", "llamacpp_schema"): (llamacpp.Config, None),
+    ("engine", "vllm_schema"): (vllm.Config, None),
     ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
 }
 

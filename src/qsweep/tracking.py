@@ -180,5 +180,7 @@ def summary_table(runs: list) -> str:
         ppl = f"{m['ppl']:.4f}" if "ppl" in m else "-"
         size = f"{m['artifact_size_mb']:.0f}" if "artifact_size_mb" in m else "-"
         bpw = f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-"
-        lines.append(f"{run.info.run_name:<40} {run.info.status:<9} {ppl:>10} {size:>8} {bpw:>6}")
+        status = "SKIPPED" if "qsweep.skipped" in run.data.tags else run.info.status
+        note = f"  ({run.data.tags['qsweep.skipped']})" if status == "SKIPPED" else ""
+        lines.append(f"{run.info.run_name:<40} {status:<9} {ppl:>10} {size:>8} {bpw:>6}{note}")
     return "\n".join(lines)

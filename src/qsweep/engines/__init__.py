@@ -4,4 +4,4 @@ manager yielding a served model."""
 
 from qsweep.registry import Registry
 
-ENGINES = Registry("engine kind", {"llamacpp": "qsweep.engines.llamacpp"})
+ENGINES = Registry("engine kind", {"llamacpp": "qsweep.engines.llamacpp", "vllm": "qsweep.engines.vllm"})

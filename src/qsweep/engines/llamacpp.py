@@ -16,6 +16,7 @@ from pathlib import Path
 from qsweep import procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
+from qsweep.engines.served import ServedModel
 from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
 
@@ -40,36 +41,15 @@ class Config:
     smoke_max_tokens: int = 16
 
 
-class ServedModel:
+class LlamaCppServed(ServedModel):
     """A running llama-server plus in-process scoring on the same GGUF."""
-
-    def __init__(self, cfg: Config, artifact: Artifact, url: str, start_s: float, log: Path, ctx: JobContext):
-        self.cfg, self.artifact, self.url, self.start_s, self.log, self.ctx = (
-            cfg,
-            artifact,
-            url,
-            start_s,
-            log,
-            ctx,
-        )
-        self.env = StageEnv(ENV)
-
-    def complete(self, prompt: str, max_tokens: int) -> tuple[str, float]:
-        """A greedy completion through the OpenAI endpoint; returns (text, seconds)."""
-        started = time.monotonic()
-        reply = http.post_json(
-            f"{self.url}/v1/completions",
-            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
-            timeout_s=self.cfg.request_timeout_s,
-        )
-        return reply["choices"][0]["text"], time.monotonic() - started
 
     def _score_script(self, *args: str | Path, timeout_s: float) -> dict:
         out = self.ctx.log_dir / f"score-{time.monotonic_ns()}.json"
         try:
             procs.run(
                 [
-                    *self.env.script("llamacpp_score.py"),
+                    *StageEnv(ENV).script("llamacpp_score.py"),
                     *args,
                     "--model",
                     self.artifact.path,
@@ -80,7 +60,7 @@ class ServedModel:
                 log_path=self.ctx.log("scoring.log"),
                 timeout_s=timeout_s,
                 what="llama.cpp scoring",
-                env=self.env.environ(),
+                env=StageEnv(ENV).environ(),
             )
             return json.loads(out.read_text())
         finally:
@@ -104,7 +84,7 @@ class ServedModel:
 
 
 @contextlib.contextmanager
-def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[ServedModel]:
+def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCppServed]:
     """Start llama-server, wait until /health answers, yield, and stop its process group."""
     if artifact.format not in FORMATS:
         raise QsweepError(f"llama.cpp serves GGUF files, not {artifact.format}")
@@ -135,4 +115,4 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[ServedMo
         http.wait_healthy(
             f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="llama-server"
         )
-        yield ServedModel(cfg, artifact, url, time.monotonic() - started, log, ctx)
+        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, log, ctx)

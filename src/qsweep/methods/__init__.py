@@ -3,4 +3,11 @@ exposes `Config` (the schema) and `build(cfg, model, fmt, ctx) -> Artifact`."""
 
 from qsweep.registry import Registry
 
-METHODS = Registry("method kind", {"baseline": "qsweep.methods.baseline", "gguf": "qsweep.methods.gguf"})
+METHODS = Registry(
+    "method kind",
+    {
+        "baseline": "qsweep.methods.baseline",
+        "gguf": "qsweep.methods.gguf",
+        "llmcompressor": "qsweep.methods.llmcompressor",
+    },
+)

@@ -1,4 +1,5 @@
-"""The unquantized baseline (`method=none`): the checkpoint itself, or for llama.cpp its f16 GGUF."""
+"""The unquantized baseline (`method=none`): the checkpoint itself for engines that load
+transformers checkpoints, its f16 GGUF for llama.cpp."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from dataclasses import dataclass
 
 from qsweep.context import Artifact, JobContext
 from qsweep.errors import QsweepError
-from qsweep.methods.gguf import ENV, GgufOuttype, artifact_from, f16_gguf
+from qsweep.hfcheckpoint import checkpoint_stats
+from qsweep.methods.gguf import GgufOuttype, artifact_from, f16_gguf
 from qsweep.models import PreparedModel
 
-__all__ = ["ENV", "FORMATS", "Config", "build"]
-FORMATS = ("gguf",)  # the HF checkpoint itself joins when an engine serves it
+ENV = None  # the GGUF form uses the llamacpp environment through methods.gguf
+FORMATS = ("gguf", "hf")
 
 
 @dataclass
@@ -24,4 +26,19 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
     if fmt == "gguf":
         entry = f16_gguf(model, cfg.gguf_outtype, ctx)
         return artifact_from(entry, [entry], cfg.gguf_outtype.value)
-    raise QsweepError(f"the baseline has no {fmt} form yet")
+    if fmt == "hf":
+        stats = checkpoint_stats(model.path)
+        return Artifact(
+            format="hf",
+            path=model.path,
+            cache_hit=model.cache_hit,
+            metrics={
+                "artifact_size_mb": stats["weight_bytes"] / 1e6,
+                "n_params": stats["n_params"],
+                "bits_per_weight": 8 * stats["weight_bytes"] / max(stats["n_params"], 1),
+                "quantize_s": 0.0,
+            },
+            params={"artifact.type": "checkpoint"},
+            info={"checkpoint": stats},
+        )
+    raise QsweepError(f"the baseline has no {fmt} form")

