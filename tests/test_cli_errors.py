@@ -17,6 +17,18 @@ CASES = [
     (["model.path=/no/such/model"], "model.path '/no/such/model'", "fix the path"),
     (["benchmark.ppl.text.path=/no/such.txt"], "text file '/no/such.txt' does not exist", "fix the path"),
     (["model=local"], "model.path", "set model.path"),
+    (["method=awq", "method.backend=gptqmodel"], "runs GPTQ only", "method=gptq"),
+    (
+        ["method=gptq", "method.recipe=/no/recipe.yaml"],
+        "recipe '/no/recipe.yaml' does not exist",
+        "method.recipe",
+    ),
+    (
+        ["method=gptq", "calibration.source=jsonl", "calibration.path=/no/cal.jsonl"],
+        "/no/cal.jsonl",
+        "calibration",
+    ),
+    (["engine=vllm", "engine.max_num_seqs=lots"], "max_num_seqs", "lots"),
 ]
 
 

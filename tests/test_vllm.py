@@ -82,3 +82,20 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
         result = ppl.run(PPL, served, ctx)
     assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
     assert result["ppl"] < 2 * baseline_ppl["vllm"]  # quantized, not broken
+
+
+def test_gptqmodel_backend_serves_on_vllm(smollm2, ctx, baseline_ppl):
+    cfg = llmcompressor.Config(
+        name="gptq",
+        algorithm=Algorithm.gptq,
+        scheme="W4A16",
+        group_size=64,
+        backend=llmcompressor.Backend.gptqmodel,
+        calibration=TINY_CALIBRATION,
+    )
+    artifact = llmcompressor.build(cfg, smollm2, "hf", ctx)
+    assert (artifact.path / "quantize_config.json").is_file()  # GPTQModel's own format
+    assert 4 <= artifact.metrics["bits_per_weight"] < 16
+    with vllm.serve(vllm.Config(), artifact, ctx) as served:
+        result = ppl.run(PPL, served, ctx)
+    assert math.isfinite(result["ppl"]) and baseline_ppl["vllm"] < result["ppl"] < 2 * baseline_ppl["vllm"]

@@ -1,9 +1,11 @@
-"""HF-format quantization with llm-compressor (`method=gptq`, `awq`, `fp8`, or a recipe file),
-run in the quantize stage environment. Output: a compressed-tensors checkpoint with recipe.yaml."""
+"""HF-format quantization with llm-compressor (`method=gptq`, `awq`, `fp8`, or a recipe file), or
+GPTQ through GPTQModel (`method.backend=gptqmodel`), run in the quantize stage environment.
+Output: a compressed-tensors checkpoint with recipe.yaml (GPTQModel: the classic GPTQ format)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -28,6 +30,11 @@ class Algorithm(Enum):
     gptq = "gptq"
     awq = "awq"
     rtn = "rtn"  # round-to-nearest: no calibration (FP8 dynamic)
+
+
+class Backend(Enum):
+    llmcompressor = "llmcompressor"
+    gptqmodel = "gptqmodel"  # GPTQ only
 
 
 class CalibrationSource(Enum):
@@ -55,6 +62,7 @@ class Config:
     group_size: int | None = 128  # W4A16 only; lowered to a divisor of the layer widths if needed
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str | None = None  # a llm-compressor recipe YAML; replaces algorithm/scheme/group_size/ignore
+    backend: Backend = Backend.llmcompressor
     # The sweep's shared calibration settings (top-level `calibration`) unless overridden here.
     calibration: Any = "${calibration}"
     timeout_s: int = 7200
@@ -62,6 +70,10 @@ class Config:
 
 def check(cfg: Config) -> None:
     """Side-effect-free validation at pre-flight."""
+    if cfg.backend is Backend.gptqmodel and (cfg.algorithm is not Algorithm.gptq or cfg.recipe):
+        raise QsweepError(
+            f"method.backend=gptqmodel runs GPTQ only, not {cfg.algorithm.value}: use method=gptq"
+        )
     if cfg.recipe and not Path(cfg.recipe).expanduser().is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
     if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
@@ -69,7 +81,7 @@ def check(cfg: Config) -> None:
     if cfg.calibration.source is CalibrationSource.jsonl:
         if not cfg.calibration.path or not Path(cfg.calibration.path).expanduser().is_file():
             raise QsweepError(
-                f"calibration file '{cfg.calibration.path}' does not exist: fix method.calibration.path"
+                f"calibration file '{cfg.calibration.path}' does not exist: fix calibration.path"
             )
     else:
         source_file(cfg.calibration.text)
@@ -82,7 +94,7 @@ def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | N
     cal = cfg.calibration
     if cal.source is CalibrationSource.jsonl:
         if not cal.path or not Path(cal.path).is_file():
-            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix method.calibration.path")
+            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
         path = Path(cal.path).resolve()
         return path, file_sha256(path)
     text, text_sha = materialize(cal.text, ctx.artifact_cache)
@@ -129,6 +141,8 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
         "group_size": cfg.group_size,
         "ignore": list(cfg.ignore),
         "recipe": file_sha256(recipe) if recipe else None,
+        "backend": cfg.backend.value,
+        "gptqmodel": versions.get("gptqmodel") if cfg.backend is Backend.gptqmodel else None,
         "calibration": calibration_sha,
         "num_samples": cfg.calibration.num_samples if calibration else None,
         "seq_len": cfg.calibration.seq_len if calibration else None,
@@ -152,13 +166,20 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             "summary_out": str(tmp / "summary.json"),
         }
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-        print(f"[qsweep]   llm-compressor {cfg.algorithm.value} {cfg.scheme}", flush=True)
+        print(f"[qsweep]   {cfg.backend.value} {cfg.algorithm.value} {cfg.scheme}", flush=True)
+        script = "gptqmodel_quantize.py" if cfg.backend is Backend.gptqmodel else "llmcompressor_quantize.py"
+        # GPTQModel refuses 2 workers on a 2-core box unless told how many it may use, and
+        # JIT-compiles kernels into a cache that should not land in $HOME.
+        extra = {
+            "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1),
+            "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(ctx.artifact_cache.root / "torch-extensions"),
+        }
         procs.run(
-            [*env.script("llmcompressor_quantize.py"), tmp / "spec.json"],
+            [*env.script(script), tmp / "spec.json"],
             log_path=log,
             timeout_s=cfg.timeout_s,
-            what=f"llm-compressor {cfg.name}",
-            env=env.environ(),
+            what=f"{cfg.backend.value} {cfg.name}",
+            env=env.environ(**extra),
         )
         summary = json.loads((tmp / "summary.json").read_text())
         (tmp / "build.log").write_text(log.read_text())
@@ -168,7 +189,9 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
     checkpoint = entry.path / "checkpoint"
     summary = entry.manifest["summary"]
     stats = checkpoint_stats(checkpoint)
-    n_params = summary["n_params"]  # of the unquantized model: packed int4 tensors count 8 per element
+    n_params = checkpoint_stats(model.path)[
+        "n_params"
+    ]  # of the unquantized model (packed int4 would undercount)
     logs = {"hf-quantized.log": entry.path / "build.log"}
     if (checkpoint / "recipe.yaml").is_file():
         logs["recipe.yaml"] = checkpoint / "recipe.yaml"
