@@ -73,7 +73,12 @@ def main() -> None:
         env = StageEnv("quantize")
         started = time.monotonic()
         subprocess.run(
-            [env.python, "-c", DIRECT, model.path, calibration, tmp / "direct", num_samples, seq_len, group],
+            [
+                str(env.python),
+                "-c",
+                DIRECT,
+                *map(str, (model.path, calibration, tmp / "direct", num_samples, seq_len, group)),
+            ],
             check=True,
             env=env.environ(),
             timeout=7200,
