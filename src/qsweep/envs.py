@@ -9,6 +9,7 @@ a stamp file holds the hash of what it was built from.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +61,11 @@ class StageEnv:
         self.require()
         return json.loads((self.root / STAMP).read_text())
 
+    def package_versions(self) -> dict[str, str]:
+        """Lower-cased distribution name -> version, from the `pip freeze` recorded at build time."""
+        pairs = (line.split("==", 1) for line in self.info().get("packages", []) if "==" in line)
+        return {name.lower(): version for name, version in pairs}
+
     def require(self) -> None:
         if not (self.root / STAMP).is_file():
             raise QsweepError(f"stage environment '{self.name}' is not set up at {self.root}: run ./setup.sh")
@@ -107,8 +113,10 @@ LLAMA_CMAKE_ARGS = (
 LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
 
 
+@functools.cache
 def has_cuda_gpu() -> bool:
-    """A CUDA GPU is present (nvcc alone is not enough: this machine has nvcc and no GPU)."""
+    """A CUDA GPU is present (nvcc alone is not enough: this machine has nvcc and no GPU).
+    Asked once per process: pre-flight, every job and set-up all want it."""
     return "GPU" in procs.output(["nvidia-smi", "-L"], timeout_s=20)
 
 

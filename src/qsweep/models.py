@@ -112,7 +112,7 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
             "file": cfg.gguf_file,
             "sha256": file_sha256(gguf),
             "dtype": cfg.dtype,
-            "transformers": _version_in(env, "transformers"),
+            "transformers": env.package_versions().get("transformers", "unknown"),
         }
 
         def build(tmp: Path) -> dict:
@@ -155,10 +155,3 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
     return PreparedModel(
         cfg.name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s
     )
-
-
-def _version_in(env: StageEnv, package: str) -> str:
-    for line in env.info().get("packages", []):
-        if line.lower().startswith(package.lower() + "=="):
-            return line.split("==", 1)[1]
-    return "unknown"

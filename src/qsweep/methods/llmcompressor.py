@@ -133,7 +133,7 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
     if recipe is not None and not recipe.is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
     calibration, calibration_sha = calibration_file(cfg, ctx)
-    versions = {p.split("==")[0]: p.split("==")[1] for p in env.info().get("packages", []) if "==" in p}
+    versions = env.package_versions()
     key = {
         "model": model.fingerprint,
         "algorithm": cfg.algorithm.value,
