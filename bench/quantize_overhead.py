@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from qsweep.cache import ArtifactCache
+from qsweep.calibration import CalibrationConfig
 from qsweep.config import PathsConfig
 from qsweep.context import JobContext
 from qsweep.envs import StageEnv
@@ -63,7 +64,7 @@ def main() -> None:
             name="gptq",
             algorithm=llmcompressor.Algorithm.gptq,
             scheme="W4A16",
-            calibration=llmcompressor.CalibrationConfig(num_samples=num_samples, seq_len=seq_len),
+            calibration=CalibrationConfig(num_samples=num_samples, seq_len=seq_len),
         )
         calibration, _ = llmcompressor.calibration_file(cfg, ctx)  # same data for both
         started = time.monotonic()

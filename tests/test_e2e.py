@@ -196,7 +196,7 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamac
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "6 job(s) composed and checked" in done.stdout
     assert "will skip gptq x llamacpp: llamacpp serves gguf artifacts; method gptq makes hf" in done.stdout
-    assert "will skip gguf-q4_k_m x vllm" in done.stdout
+    assert "will skip gguf-q4_k_m x vllm" in done.stdout and "no GGUF loader" in done.stdout
     _, every = runs(tmp_path)
     children = {r.info.run_name: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
     assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children.values())

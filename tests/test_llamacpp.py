@@ -3,8 +3,11 @@ llama.cpp's own tools, served by llama-server, perplexity checked against the ll
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,24 @@ def test_perplexity_equals_llama_perplexity(which, request, ctx, llamacpp_env):
     )
     assert ours["ppl_chunks"] == MAX_TOKENS // N_CTX and ours["ppl_scored_tokens"] == 4 * (N_CTX // 2 - 1)
     assert abs(ours["ppl"] - reference) / reference < 0.005, (ours, reference)
+    # qsweep rebuilt the transformers tokenizer with llama.cpp's pre-tokenizer: both split alike
+    assert ours["ppl_tokenizer_differing_spans"] == 0
     assert 5 < ours["ppl"] < 60 and 0 < ours["ppl_err"] < ours["ppl"] / 5
+
+
+def test_job_says_when_the_transformers_tokenizer_splits_differently(f16, smollm2, ctx, tmp_path):
+    """A transformers tokenizer that lacks one BPE merge (" the" = "Ġt" + "he") splits English text
+    differently from the GGUF's vocabulary: the job must say so."""
+    spec = json.loads((smollm2.path / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m != ["Ġt", "he"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    shutil.copy(smollm2.path / "tokenizer_config.json", tmp_path)
+    notes_before = len(ctx.notes)
+    cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=N_CTX)
+    with llamacpp.serve(llamacpp.Config(), dataclasses.replace(f16, hf_tokenizer=tmp_path), ctx) as served:
+        result = ppl.run(cfg, served, ctx)
+    assert result["ppl_tokenizer_differing_spans"] > 0
+    assert "splits the perplexity text differently" in ctx.notes[notes_before], ctx.notes
 
 
 def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):

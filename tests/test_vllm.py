@@ -10,22 +10,25 @@ import pytest
 
 from qsweep.benchmarks import ppl
 from qsweep.cache import ArtifactCache
+from qsweep.calibration import CalibrationConfig, CalibrationSource
 from qsweep.context import JobContext
 from qsweep.engines import llamacpp, vllm
 from qsweep.methods import baseline, llmcompressor
-from qsweep.methods.llmcompressor import Algorithm, CalibrationConfig
+from qsweep.methods.llmcompressor import Algorithm
 from qsweep.textdata import TextConfig
 
 pytestmark = pytest.mark.slow
 
 PPL = ppl.Config(text=TextConfig(), n_ctx=512, max_tokens=2048)
 TINY_CALIBRATION = CalibrationConfig(num_samples=4, seq_len=128)
+# ShareGPT conversations rendered with SmolLM2's chat template (ChatML).
+CHAT_CALIBRATION = CalibrationConfig(source=CalibrationSource.chat, num_samples=4, seq_len=128)
 METHODS = {
     "gptq": llmcompressor.Config(
         name="gptq", algorithm=Algorithm.gptq, scheme="W4A16", calibration=TINY_CALIBRATION
     ),
     "awq": llmcompressor.Config(
-        name="awq", algorithm=Algorithm.awq, scheme="W4A16_ASYM", calibration=TINY_CALIBRATION
+        name="awq", algorithm=Algorithm.awq, scheme="W4A16_ASYM", calibration=CHAT_CALIBRATION
     ),
     "fp8": llmcompressor.Config(name="fp8", algorithm=Algorithm.rtn, scheme="FP8_DYNAMIC", group_size=None),
 }
@@ -78,6 +81,8 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
     assert expected_bits <= artifact.metrics["bits_per_weight"] < 16, artifact.metrics
     if name != "fp8":
         assert artifact.params["method.effective_group_size"] == "64"  # 576 is not a multiple of 128
+    if name == "awq":  # calibrated on chat data, which the stage rendered with the chat template
+        assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     with vllm.serve(vllm.Config(), artifact, ctx) as served:
         result = ppl.run(PPL, served, ctx)
     assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
@@ -91,9 +96,10 @@ def test_gptqmodel_backend_serves_on_vllm(smollm2, ctx, baseline_ppl):
         scheme="W4A16",
         group_size=64,
         backend=llmcompressor.Backend.gptqmodel,
-        calibration=TINY_CALIBRATION,
+        calibration=CHAT_CALIBRATION,
     )
     artifact = llmcompressor.build(cfg, smollm2, "hf", ctx)
+    assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     assert (artifact.path / "quantize_config.json").is_file()  # GPTQModel's own format
     assert 4 <= artifact.metrics["bits_per_weight"] < 16
     with vllm.serve(vllm.Config(), artifact, ctx) as served:

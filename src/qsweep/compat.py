@@ -26,9 +26,10 @@ def skip_reason(cfg: DictConfig) -> str | None:
     """Why this method x engine pair cannot run here, or None."""
     method, engine = METHODS.get(cfg.method.kind), ENGINES.get(cfg.engine.kind)
     if serving_format(cfg) is None:
+        notes = [getattr(engine, "NOT_SERVED", {}).get(fmt) for fmt in method.FORMATS]
         return (
             f"{cfg.engine.name} serves {'/'.join(engine.FORMATS)} artifacts; "
             f"method {cfg.method.name} makes {'/'.join(method.FORMATS)}"
-        )
+        ) + "".join(f": {note}" for note in notes if note)
     device = engine.device(cfg.engine) if hasattr(engine, "device") else "cpu"
     return UNSERVABLE.get((cfg.method.name, cfg.engine.kind, device))

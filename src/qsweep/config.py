@@ -13,10 +13,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from qsweep.benchmarks import ppl
+from qsweep.calibration import CalibrationConfig
 from qsweep.engines import llamacpp, vllm
 from qsweep.envs import REPO_ROOT, default_home
 from qsweep.methods import baseline, gguf, llmcompressor
-from qsweep.methods.llmcompressor import CalibrationConfig
 from qsweep.models import ModelConfig
 
 CONF_DIR = REPO_ROOT / "conf"

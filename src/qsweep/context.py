@@ -13,10 +13,16 @@ class JobContext:
     artifact_cache: ArtifactCache
     model_cache: ArtifactCache
     log_dir: Path  # this job's own folder; every file here is logged to its MLflow run
+    notes: list[str] = field(default_factory=list)  # things the user should know; tagged on the run
 
     def log(self, name: str) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return self.log_dir / name
+
+    def note(self, text: str) -> None:
+        """Tell the user now, and keep it with the run (tag `qsweep.notes`)."""
+        print(f"[qsweep]   note: {text}", flush=True)
+        self.notes.append(text)
 
 
 @dataclass
@@ -30,3 +36,6 @@ class Artifact:
     params: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)  # how it was built, also when it came from the cache
+    # The source model's transformers tokenizer, for a GGUF file: lets the job tell when llama.cpp
+    # splits a text differently from it (and so from vLLM).
+    hf_tokenizer: Path | None = None

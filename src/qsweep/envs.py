@@ -243,7 +243,7 @@ STAGE_ENVS = {
     "llamacpp": StageEnvSpec(
         "llamacpp", build=build_llamacpp, extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args()
     ),
-    "quantize": StageEnvSpec("quantize"),
+    "quantize": StageEnvSpec("quantize", variant=device_variant),
     "vllm": StageEnvSpec(
         "vllm",
         build=lambda env, log: (

@@ -129,7 +129,7 @@ def run_job(cfg: DictConfig) -> str:
         status, error = "FAILED", f"{type(err).__name__}: {err}"
         client.log_text(run_id, traceback.format_exc(), "error_traceback.txt")
     finally:
-        _finish(client, run_id, parent, status, error, timings, ctx.log_dir)
+        _finish(client, run_id, parent, status, error, timings, ctx)
     if status == "FAILED":
         FAILED_JOBS.append(name)
         print(f"qsweep: job {name} failed: {error}", flush=True)
@@ -137,15 +137,17 @@ def run_job(cfg: DictConfig) -> str:
 
 
 def _finish(
-    client, run_id: str, parent: str | None, status: str, error: str, timings: dict, log_dir: Path
+    client, run_id: str, parent: str | None, status: str, error: str, timings: dict, ctx: JobContext
 ) -> None:
-    """Attach logs and timings, close the run; never let logging hide the job's own error."""
+    """Attach logs, timings and notes, close the run; never let logging hide the job's own error."""
     try:
         tracking.log_metrics(client, run_id, timings)
         if error:
             client.set_tag(run_id, "qsweep.error", error[:5000])
-        if log_dir.is_dir():
-            for path in sorted(log_dir.iterdir()):
+        if ctx.notes:
+            client.set_tag(run_id, "qsweep.notes", "\n".join(ctx.notes)[:5000])
+        if ctx.log_dir.is_dir():
+            for path in sorted(ctx.log_dir.iterdir()):
                 if path.is_file():
                     client.log_artifact(run_id, str(path), "logs")
         client.set_terminated(run_id, status)

@@ -50,8 +50,10 @@ def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
     if cfg.n_ctx < 4 or cfg.n_ctx % 2:
         raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
     text, _ = materialize(cfg.text, ctx.artifact_cache)
-    tokens, bos = served.tokenize(text, timeout_s=cfg.timeout_s)
-    chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, bos)
+    budget = cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
+    tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget)
+    tokens = tokenized.tokens
+    chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
     if not chunks:
         raise QsweepError(
             f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: "
@@ -62,4 +64,21 @@ def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
     scored = served.score(chunks, first, timeout_s=cfg.timeout_s)
     flat = [lp for chunk in scored for lp in chunk]
     ppl, err = perplexity(flat)
-    return {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}
+    metrics = {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}
+    if tokenized.hf_compare is not None:
+        metrics["ppl_tokenizer_differing_spans"] = report_split(tokenized.hf_compare, ctx)
+    return metrics
+
+
+def report_split(compare: dict, ctx: JobContext) -> int:
+    """Say so when the engine's tokenizer (llama.cpp's GGUF vocabulary) splits the text differently
+    from the model's transformers tokenizer: then its perplexity and vLLM's score different tokens."""
+    spans = compare["differing_spans"]
+    if spans:
+        first = compare["examples"][0]
+        ctx.note(
+            f"llama.cpp's GGUF tokenizer splits the perplexity text differently from the transformers "
+            f"tokenizer in {spans} place(s) ({compare['gguf_tokens']} vs {compare['hf_tokens']} tokens; "
+            f"first: {first['gguf']} vs {first['hf']}), so its ppl is not exactly comparable with vLLM's"
+        )
+    return spans

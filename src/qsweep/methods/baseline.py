@@ -25,7 +25,7 @@ class Config:
 def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
     if fmt == "gguf":
         entry = f16_gguf(model, cfg.gguf_outtype, ctx)
-        return artifact_from(entry, [entry], cfg.gguf_outtype.value)
+        return artifact_from(entry, [entry], cfg.gguf_outtype.value, model)
     if fmt == "hf":
         stats = checkpoint_stats(model.path)
         return Artifact(

@@ -173,7 +173,7 @@ def summarize_types(info: dict) -> str:
     return ",".join(f"{t}:{100 * v['params'] / total:.0f}%" for t, v in info["tensor_types"].items())
 
 
-def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str) -> Artifact:
+def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str, model: PreparedModel) -> Artifact:
     info = entry.manifest["gguf"]
     return Artifact(
         format="gguf",
@@ -195,6 +195,7 @@ def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str) -> Art
         logs={
             f"{e.manifest['kind']}.log": e.path / BUILD_LOG for e in chain if (e.path / BUILD_LOG).exists()
         },
+        hf_tokenizer=model.path,
     )
 
 
@@ -241,4 +242,4 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
 
     entry = ctx.artifact_cache.entry("gguf", key, quantize, what=f"{cfg.quant_type.value} GGUF")
     chain.append(entry)
-    return artifact_from(entry, chain, cfg.quant_type.value)
+    return artifact_from(entry, chain, cfg.quant_type.value, model)

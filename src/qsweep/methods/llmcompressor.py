@@ -13,14 +13,13 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from qsweep import procs
+from qsweep import calibration, procs
 from qsweep.cache import file_sha256
 from qsweep.context import Artifact, JobContext
 from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
 from qsweep.models import PreparedModel
-from qsweep.textdata import TextConfig, materialize, source_file
 
 ENV = "quantize"
 FORMATS = ("hf",)
@@ -35,22 +34,6 @@ class Algorithm(Enum):
 class Backend(Enum):
     llmcompressor = "llmcompressor"
     gptqmodel = "gptqmodel"  # GPTQ only
-
-
-class CalibrationSource(Enum):
-    text = "text"  # a text (Wikipedia by default) cut into samples
-    jsonl = "jsonl"  # a local JSONL file with one {"text": ...} per line
-
-
-@dataclass
-class CalibrationConfig:
-    source: CalibrationSource = CalibrationSource.text
-    text: TextConfig = field(
-        default_factory=lambda: TextConfig(name="wiki-calibration", offset_chars=1_000_000, max_chars=600_000)
-    )
-    path: str | None = None  # source=jsonl
-    num_samples: int = 32  # small for CPU runs; the seed used 1024 on a GPU
-    seq_len: int = 512
 
 
 @dataclass
@@ -78,50 +61,14 @@ def check(cfg: Config) -> None:
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
     if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
         return
-    if cfg.calibration.source is CalibrationSource.jsonl:
-        if not cfg.calibration.path or not Path(cfg.calibration.path).expanduser().is_file():
-            raise QsweepError(
-                f"calibration file '{cfg.calibration.path}' does not exist: fix calibration.path"
-            )
-    else:
-        source_file(cfg.calibration.text)
+    calibration.check(cfg.calibration)
 
 
 def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | None]:
-    """A JSONL of calibration samples and its hash; None for methods that need no data."""
+    """The calibration JSONL and its hash; None for methods that need no data."""
     if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
         return None, None
-    cal = cfg.calibration
-    if cal.source is CalibrationSource.jsonl:
-        if not cal.path or not Path(cal.path).is_file():
-            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
-        path = Path(cal.path).resolve()
-        return path, file_sha256(path)
-    text, text_sha = materialize(cal.text, ctx.artifact_cache)
-    key = {"text": text_sha, "num_samples": cal.num_samples, "seq_len": cal.seq_len}
-
-    def build(tmp: Path) -> dict:
-        # ~4 characters per token: samples of about seq_len tokens, split on paragraph boundaries.
-        target, samples, current = cal.seq_len * 4, [], ""
-        for paragraph in text.read_text(encoding="utf-8").split("\n"):
-            current = f"{current}\n{paragraph}" if current else paragraph
-            if len(current) >= target:
-                samples.append(current[: target * 2])
-                current = ""
-                if len(samples) == cal.num_samples:
-                    break
-        if len(samples) < cal.num_samples:
-            raise QsweepError(
-                f"calibration text gives {len(samples)} samples, fewer than num_samples={cal.num_samples}"
-            )
-        with open(tmp / "calibration.jsonl", "w") as f:
-            for sample in samples:
-                f.write(json.dumps({"text": sample}) + "\n")
-        return {}
-
-    entry = ctx.artifact_cache.entry("calibration", key, build, what="calibration samples")
-    path = entry.path / "calibration.jsonl"
-    return path, file_sha256(path)
+    return calibration.calibration_file(cfg.calibration, ctx.artifact_cache)
 
 
 def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
@@ -132,7 +79,7 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
     recipe = Path(cfg.recipe).expanduser().resolve() if cfg.recipe else None
     if recipe is not None and not recipe.is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
-    calibration, calibration_sha = calibration_file(cfg, ctx)
+    calibration_path, calibration_sha = calibration_file(cfg, ctx)
     versions = env.package_versions()
     key = {
         "model": model.fingerprint,
@@ -144,8 +91,8 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
         "backend": cfg.backend.value,
         "gptqmodel": versions.get("gptqmodel") if cfg.backend is Backend.gptqmodel else None,
         "calibration": calibration_sha,
-        "num_samples": cfg.calibration.num_samples if calibration else None,
-        "seq_len": cfg.calibration.seq_len if calibration else None,
+        "num_samples": cfg.calibration.num_samples if calibration_path else None,
+        "seq_len": cfg.calibration.seq_len if calibration_path else None,
         "llmcompressor": versions.get("llmcompressor"),
         "compressed-tensors": versions.get("compressed-tensors"),
     }
@@ -160,9 +107,9 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             "group_size": cfg.group_size,
             "ignore": list(cfg.ignore),
             "recipe": str(recipe) if recipe else None,
-            "calibration": str(calibration) if calibration else None,
-            "num_samples": cfg.calibration.num_samples if calibration else 0,
-            "seq_len": cfg.calibration.seq_len if calibration else 0,
+            "calibration": str(calibration_path) if calibration_path else None,
+            "num_samples": cfg.calibration.num_samples if calibration_path else 0,
+            "seq_len": cfg.calibration.seq_len if calibration_path else 0,
             "summary_out": str(tmp / "summary.json"),
         }
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -180,6 +127,7 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             timeout_s=cfg.timeout_s,
             what=f"{cfg.backend.value} {cfg.name}",
             env=env.environ(**extra),
+            cwd=tmp,  # GPTQModel writes a logs/ folder into its working directory
         )
         summary = json.loads((tmp / "summary.json").read_text())
         (tmp / "build.log").write_text(log.read_text())

@@ -7,9 +7,10 @@ as llmcompressor_quantize.py (algorithm must be gptq; scheme W4A16 -> 4 bits).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+
+from quantize_common import calibration_texts, write_summary
 
 
 def main() -> int:
@@ -22,24 +23,21 @@ def main() -> int:
     if bits is None or spec["algorithm"] != "gptq":
         print(f"GPTQModel backend supports gptq with W4A16/W8A16, not {spec['algorithm']} {spec['scheme']}")
         return 2
-    with open(spec["calibration"]) as f:
-        texts = [json.loads(line)["text"] for line in f][: spec["num_samples"]]
     config = QuantizeConfig(bits=bits, group_size=spec["group_size"] or 128, desc_act=False)
     model = GPTQModel.load(spec["model"], config)
     n_params = sum(p.numel() for p in model.model.parameters())
+    texts = calibration_texts(spec["calibration"], spec["num_samples"], model.tokenizer)
     tokenized = [model.tokenizer(t, truncation=True, max_length=spec["seq_len"])["input_ids"] for t in texts]
     model.quantize(tokenized, batch_size=1)
     model.save(spec["out"])
-    summary = {
-        "quantize_s": round(time.monotonic() - started, 2),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "gptqmodel": __import__("gptqmodel").__version__,
-        "effective_group_size": config.group_size,
-        "n_params": n_params,
-    }
-    print(json.dumps(summary), flush=True)
-    with open(spec["summary_out"], "w") as f:
-        json.dump(summary, f)
+    write_summary(
+        spec,
+        started,
+        gptqmodel=__import__("gptqmodel").__version__,
+        effective_group_size=config.group_size,
+        n_params=n_params,
+        calibration_preview=texts[0][:80],
+    )
     return 0
 
 

@@ -3,8 +3,9 @@
 llama-server returns log-probs of generated tokens only, so prompt log-probs for perplexity come
 from here. Runs inside the llamacpp stage environment; imports nothing from qsweep.
 
-  tokenize --model F.gguf --text T.txt --out tokens.json
+  tokenize --model F.gguf --text T.txt --out tokens.json [--hf-tokenizer DIR --compare-tokens N]
       -> {"tokens": [...], "bos": id or null}   (BOS added where the model asks for it)
+         + "hf_compare": how the transformers tokenizer in DIR splits the first N tokens' text
   score --model F.gguf --chunks chunks.json --first K --out scores.json
       -> {"logprobs": [[logprob of chunk[j+1] given chunk[:j+1]] for j in K .. len-2] per chunk}
 """
@@ -39,7 +40,40 @@ def tokenize(args: argparse.Namespace) -> dict:
     # Same call as llama-perplexity's common_tokenize(ctx, text, add_special=true, parse_special=false).
     tokens = llm.tokenize(text, add_bos=True, special=False)
     bos = llm.token_bos() if llm._model.add_bos_token() else None
-    return {"tokens": tokens, "bos": bos}
+    result = {"tokens": tokens, "bos": bos}
+    if args.hf_tokenizer:
+        body = tokens[1:] if bos is not None and tokens[:1] == [bos] else tokens
+        result["hf_compare"] = compare_with_hf(llm, body[: args.compare_tokens], args.hf_tokenizer)
+    return result
+
+
+def compare_with_hf(llm, gguf_tokens: list[int], hf_dir: str) -> dict:
+    """Where the transformers tokenizer splits the same text differently from llama.cpp: the two
+    engines then score different token sequences, so their perplexities differ slightly."""
+    import difflib
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    text = llm.detokenize(gguf_tokens).decode("utf-8", errors="ignore")
+    hf_tokens = hf(text, add_special_tokens=False)["input_ids"]
+    matcher = difflib.SequenceMatcher(None, gguf_tokens, hf_tokens)
+    spans = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    # The text was cut at a llama.cpp token boundary: a difference in the last tokens is an artefact.
+    spans = [op for op in spans if op[2] < len(gguf_tokens) - 2]
+    examples = [
+        {
+            "gguf": [llm.detokenize([t]).decode("utf-8", errors="replace") for t in gguf_tokens[i1:i2]],
+            "hf": [hf.decode([t]) for t in hf_tokens[j1:j2]],
+        }
+        for _, i1, i2, j1, j2 in spans[:5]
+    ]
+    return {
+        "gguf_tokens": len(gguf_tokens),
+        "hf_tokens": len(hf_tokens),
+        "differing_spans": len(spans),
+        "examples": examples,
+    }
 
 
 def score(args: argparse.Namespace) -> dict:
@@ -76,6 +110,8 @@ def main() -> int:
     parser.add_argument("--chunks")
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--hf-tokenizer")
+    parser.add_argument("--compare-tokens", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = tokenize(args) if args.command == "tokenize" else score(args)

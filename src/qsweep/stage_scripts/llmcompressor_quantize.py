@@ -11,9 +11,10 @@ Writes the compressed-tensors checkpoint (with recipe.yaml) to `out` and a summa
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+
+from quantize_common import calibration_texts, write_summary
 
 
 def allow_awq_on_cpu() -> None:
@@ -88,14 +89,13 @@ def build_recipe(spec: dict):
 def calibration_dataset(spec: dict, tokenizer):
     from datasets import Dataset
 
-    texts = []
-    with open(spec["calibration"]) as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-    encoded = tokenizer(
-        texts[: spec["num_samples"]], truncation=True, max_length=spec["seq_len"], add_special_tokens=False
+    texts = calibration_texts(spec["calibration"], spec["num_samples"], tokenizer)
+    # The chat template already adds any special tokens the model expects.
+    encoded = tokenizer(texts, truncation=True, max_length=spec["seq_len"], add_special_tokens=False)
+    dataset = Dataset.from_dict(
+        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     )
-    return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    return dataset, texts[0][:80]
 
 
 def main() -> int:
@@ -115,10 +115,11 @@ def main() -> int:
     if spec["scheme"].startswith("W4A16") and not spec["recipe"]:
         spec["group_size"] = effective_group_size(model, spec["group_size"] or 128, spec["ignore"])
     recipe = build_recipe(spec)
-    kwargs = {}
+    kwargs, preview = {}, None
     if spec["calibration"]:
+        dataset, preview = calibration_dataset(spec, tokenizer)
         kwargs.update(
-            dataset=calibration_dataset(spec, tokenizer),
+            dataset=dataset,
             max_seq_length=spec["seq_len"],
             num_calibration_samples=spec["num_samples"],
         )
@@ -129,16 +130,14 @@ def main() -> int:
     oneshot(model=model, recipe=recipe, **kwargs)
     model.save_pretrained(spec["out"], save_compressed=True)
     tokenizer.save_pretrained(spec["out"])
-    summary = {
-        "quantize_s": round(time.monotonic() - started, 2),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "llmcompressor": __import__("llmcompressor").__version__,
-        "effective_group_size": spec["group_size"],
-        "n_params": n_params,
-    }
-    print(json.dumps(summary), flush=True)
-    with open(spec["summary_out"], "w") as f:
-        json.dump(summary, f)
+    write_summary(
+        spec,
+        started,
+        llmcompressor=__import__("llmcompressor").__version__,
+        effective_group_size=spec["group_size"],
+        n_params=n_params,
+        calibration_preview=preview,
+    )
     return 0
 
 

