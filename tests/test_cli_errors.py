@@ -29,6 +29,10 @@ CASES = [
         "calibration",
     ),
     (["engine=vllm", "engine.max_num_seqs=lots"], "max_num_seqs", "lots"),
+    (["benchmark.perf.concurrency=[0,4]"], "positive levels", "benchmark.perf.concurrency"),
+    (["method=gptq", "calibration.source=sharegpt"], "Invalid value 'sharegpt'", "chat"),
+    (["gates.ppl_ratio_mx=1.05"], "Key 'ppl_ratio_mx' not in", "gates"),
+    (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
 ]
 
 

@@ -7,10 +7,12 @@ import re
 import pytest
 
 from conftest import run_cli
+from qsweep.envs import StageEnv
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["benchmark.ppl.max_tokens=2048"]
+PPL_ONLY = "benchmark=[ppl]"  # tests about other things skip the default short load test
 
 
 def runs(tmp_path):
@@ -26,7 +28,7 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
     done = run_cli("-m", *SMALL, tmp=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 job(s) composed and checked" in done.stdout
-    for stage in ("model", "quantize", "serve", "benchmark_ppl"):
+    for stage in ("model", "quantize", "serve", "benchmark_ppl", "benchmark_perf"):
         assert f"stage {stage}:" in done.stdout  # each stage's wall time is printed
 
     client, every = runs(tmp_path)
@@ -41,11 +43,26 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         for key in ("ppl", "ppl_err", "artifact_size_mb", "bits_per_weight", "quantize_s", "server_start_s"):
             assert key in m, key
+        # the default sweep's short load test ran on the same server, with a fair slot count
+        assert m["perf_success_rate_min"] == 1 and p["served.parallel"] == "4"
+        curve = client.get_metric_history(run.info.run_id, "perf_output_tok_s")
+        assert sorted(point.step for point in curve) == [1, 4] and all(pt.value > 0 for pt in curve)
         assert p["choice.method"] == p["method.name"] and p["choice.engine"] == "llamacpp"
         assert p["benchmark.ppl.max_tokens"] == "2048" and p["gguf.tensor_types"]
         assert re.fullmatch(r"\S+-[0-9a-f]{7,}", t["llama_cpp.build"]) and t["qsweep.version"] and t["cpu"]
+        # environment fingerprint: machine, GPU (or "none"), versions of every stage environment used
+        assert int(t["cpu_cores"]) >= 1 and float(t["ram_gb"]) > 0 and t["gpu"] and t["gpu_driver"]
+        for env_name, package in (("llamacpp", "transformers"), ("evalscope", "evalscope")):
+            installed = StageEnv(env_name).package_versions()[package]
+            assert t[f"env.{env_name}.{package}"] == installed, (env_name, package)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "logs", "smoke_completion.txt", "artifact_info.json"} <= artifacts
+        assert {
+            "config.yaml",
+            "logs",
+            "smoke_completion.txt",
+            "artifact_info.json",
+            "perf_table.json",
+        } <= artifacts
         logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
         assert "logs/server.log" in logs
         assert client.list_artifacts(run.info.run_id, "quantize_logs"), "quantize logs, also on a cache hit"
@@ -56,7 +73,7 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
     assert by_method["none"]["bits_per_weight"] > 15 > 7 > by_method["gguf-iq4_xs"]["bits_per_weight"]
 
     # The same sweep again reuses every quantized file and measures the same perplexities.
-    again = run_cli("-m", *SMALL, tmp=tmp_path)
+    again = run_cli("-m", *SMALL, PPL_ONLY, tmp=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     _, every = runs(tmp_path)
     second = [r for r in every if r.data.tags.get("qsweep.kind") == "job"][3:]
@@ -173,6 +190,7 @@ def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):
         f"model.path={checkpoint}",
         f"benchmark.ppl.text.path={text}",
         "benchmark.ppl.max_tokens=1024",
+        PPL_ONLY,
         tmp=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -189,6 +207,7 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamac
         "method=none,gptq,gguf-q4_k_m",
         "engine=vllm,llamacpp",
         "benchmark.ppl.max_tokens=1024",
+        PPL_ONLY,
         "calibration.num_samples=4",
         "calibration.seq_len=128",
         tmp=tmp_path,
@@ -211,3 +230,29 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamac
     for kind in ("hf-quantized", "gguf-base", "gguf"):
         assert len([p for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()]) == 1, kind
     assert "SKIPPED" in done.stdout  # the summary table names the skipped pairs
+
+
+def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_path, llamacpp_env):
+    """The quantized job runs first, so it evaluates the baseline itself; the baseline job that
+    follows measures the same perplexity independently. A tight gate is missed, and said so."""
+    done = run_cli(
+        "-m",
+        "method=gguf-q4_k_m,none",
+        PPL_ONLY,
+        "benchmark.ppl.max_tokens=1024",
+        "gates.ppl_ratio_max=1.001",
+        tmp=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("evaluating the baseline once for comparison") == 1
+    _, every = runs(tmp_path)
+    jobs = {r.data.params["method.name"]: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
+    quant, base = jobs["gguf-q4_k_m"].data, jobs["none"].data
+    assert quant.metrics["ppl_base"] == pytest.approx(base.metrics["ppl"], rel=1e-9)
+    assert quant.metrics["ppl_ratio"] == pytest.approx(quant.metrics["ppl"] / base.metrics["ppl"], rel=1e-6)
+    low, high = quant.metrics["ppl_ratio_ci_low"], quant.metrics["ppl_ratio_ci_high"]
+    assert low < quant.metrics["ppl_ratio"] < high
+    assert quant.metrics["ppl_within_noise"] == float(low <= 1.0 <= high)
+    assert quant.tags["qsweep.gates_missed"].startswith("ppl_ratio 1.")
+    assert "qsweep.gates_missed" not in base.tags and "ppl_ratio" not in base.metrics
+    assert "MISSED GATES: ppl_ratio" in done.stdout

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from qsweep import procs
-from qsweep.benchmarks import ppl
+from qsweep.benchmarks import perf, ppl
 from qsweep.cache import ArtifactCache
 from qsweep.config import PathsConfig
 from qsweep.context import JobContext
-from qsweep.engines import llamacpp
+from qsweep.engines import http, llamacpp
 from qsweep.errors import QsweepError
 from qsweep.methods import baseline, gguf
 from qsweep.textdata import TextConfig, source_file
@@ -84,7 +84,7 @@ def test_perplexity_equals_llama_perplexity(which, request, ctx, llamacpp_env):
     artifact = request.getfixturevalue(which)
     cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
     with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
-        ours = ppl.run(cfg, served, ctx)
+        ours = ppl.run(cfg, served, ctx).metrics
     reference = reference_perplexity(
         llamacpp_env, artifact.path, source_file(cfg.text), ctx.log(f"ref-{which}.log")
     )
@@ -105,9 +105,28 @@ def test_job_says_when_the_transformers_tokenizer_splits_differently(f16, smollm
     notes_before = len(ctx.notes)
     cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=N_CTX)
     with llamacpp.serve(llamacpp.Config(), dataclasses.replace(f16, hf_tokenizer=tmp_path), ctx) as served:
-        result = ppl.run(cfg, served, ctx)
+        result = ppl.run(cfg, served, ctx).metrics
     assert result["ppl_tokenizer_differing_spans"] > 0
     assert "splits the perplexity text differently" in ctx.notes[notes_before], ctx.notes
+
+
+def test_load_test_through_evalscope_with_fair_slots(f16, ctx):
+    cfg = perf.Config(concurrency=[1, 3], requests_per_level=2, input_tokens=32, output_tokens=16, repeats=2)
+    engine_cfg = llamacpp.fit_to_load(llamacpp.Config(), 3, perf.tokens_per_request(cfg))
+    assert engine_cfg.parallel == 3 and engine_cfg.ctx_size >= 3 * (32 + 16)
+    with llamacpp.serve(engine_cfg, f16, ctx) as served:
+        assert http.get_json(f"{served.url}/props", 10)["total_slots"] == 3  # the server took the preset
+        result = perf.run(cfg, served, ctx)
+    table = {row["concurrency"]: row for row in result.tables["perf_table.json"]}
+    assert set(table) == {1, 3} and set(result.curves["perf_output_tok_s"]) == {1, 3}
+    for row in table.values():
+        assert row["success_rate"] == 1.0
+        # the random prompts have exactly the requested length on the model's tokenizer, and
+        # ignore_eos makes every request generate exactly output_tokens
+        assert row["input_tokens_mean"] == 32 and row["output_tokens_mean"] == 16, row
+        assert row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 and row["tpot_ms_p99"] >= row["tpot_ms_p50"]
+        assert "output_tok_s_std" in row  # two repeats: mean and standard deviation
+    assert len(list((ctx.log_dir / "perf").glob("repeat*/parallel_*_number_*"))) >= 4
 
 
 def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):
@@ -115,7 +134,7 @@ def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):
     results = {}
     for name, artifact in (("f16", f16), ("q4", q4_k_m)):
         with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
-            results[name] = ppl.run(cfg, served, ctx)["ppl"]
+            results[name] = ppl.run(cfg, served, ctx).metrics["ppl"]
     assert results["q4"] > results["f16"]
 
 

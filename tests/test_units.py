@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep import calibration, envs, procs, tracking
+from qsweep import calibration, envs, procs, stats, tracking
 from qsweep.benchmarks.ppl import make_chunks, perplexity
 from qsweep.cache import ArtifactCache, content_key
 from qsweep.errors import QsweepError
@@ -224,3 +224,99 @@ def test_every_device_variant_of_a_stage_environment_has_its_requirements():
             pins = re.findall(r"^[\w.-]+==[\w.+]+$", text, re.M)
             assert pins, (spec.name, device)
             assert any("+cpu" in p for p in pins) == (device == "cpu"), (spec.name, device, pins)
+
+
+def test_accuracy_estimate_matches_hand_computation():
+    est = stats.estimate([1, 0, 1, 1])  # mean 3/4, sample variance 1/4, stderr sqrt(1/4 / 4) = 1/4
+    assert est.mean == 0.75 and est.stderr == pytest.approx(0.25) and est.n == 4
+    assert est.ci95 == pytest.approx((0.75 - 1.959964 * 0.25, 0.75 + 1.959964 * 0.25))
+
+
+def test_paired_delta_recovery_and_noise_flag_match_hand_computation():
+    baseline = {"a": 1, "b": 0, "c": 0, "d": 1}
+    candidate = {"a": 1, "b": 1, "c": 0, "d": 1}
+    cmp = stats.compare(candidate, baseline)  # differences 0, 1, 0, 0: mean 1/4, stderr 1/4
+    assert cmp.paired and cmp.delta == pytest.approx(0.25) and cmp.stderr == pytest.approx(0.25)
+    assert cmp.recovery == pytest.approx(0.75 / 0.5) and cmp.within_noise
+    big = stats.compare({str(i): 1 for i in range(100)}, {str(i): i % 2 for i in range(100)})
+    assert big.delta == pytest.approx(0.5) and not big.within_noise  # 0.5 +- 1.96 * 0.0503
+
+
+def test_unpaired_delta_adds_standard_errors_in_quadrature():
+    cmp = stats.compare({"x": 1, "y": 0}, {"a": 1, "b": 1, "c": 0, "d": 0})
+    # candidate: mean 1/2, stderr sqrt(1/2 / 2) = 1/2; baseline: mean 1/2, stderr sqrt(1/3 / 4)
+    assert not cmp.paired and cmp.delta == 0
+    assert cmp.stderr == pytest.approx(math.sqrt(0.25 + 1 / 12))
+
+
+def test_repeat_and_percentile_summaries_match_hand_computation():
+    assert stats.mean_std([2, 4, 4, 4, 5, 5, 7, 9]) == pytest.approx((5, math.sqrt(32 / 7)))
+    assert stats.mean_std([3.0]) == (3.0, 0.0)
+    assert stats.percentile([4, 1, 3, 2], 90) == pytest.approx(3.7)
+    assert stats.percentile([4, 1, 3, 2], 50) == pytest.approx(2.5)
+
+
+def test_fair_serving_presets_size_the_engines_for_the_largest_concurrency():
+    from qsweep.engines import llamacpp, vllm
+
+    fitted = llamacpp.fit_to_load(llamacpp.Config(ctx_size=2048, parallel=1), 16, 300)
+    assert fitted.parallel == 16 and fitted.ctx_size == 16 * 300  # llama-server splits -c across slots
+    assert llamacpp.fit_to_load(llamacpp.Config(parallel=32), 16, 300).parallel == 32  # never lowered
+    assert llamacpp.fit_to_load(llamacpp.Config(fit_to_load=False), 16, 300).parallel == 1
+    fitted = vllm.fit_to_load(vllm.Config(max_num_seqs=8, max_model_len=1024), 100, 2064)
+    assert fitted.max_num_seqs == 100 and fitted.max_model_len == 2064
+
+
+def test_perf_level_metrics_read_evalscope_outputs(tmp_path):
+    from qsweep.benchmarks import perf
+
+    summary = {"Output Throughput (tok/s)": 74.2, "Req Throughput (req/s)": 2.3, "Avg TTFT (ms)": 619.3,
+               "Total Requests": 8, "Success Requests": 6, "Avg Output Tokens": 32.0}  # fmt: skip
+    rows = [{"Percentiles": p, "TTFT (ms)": v, "TPOT (ms)": v / 10, "ITL (ms)": v / 20}
+            for p, v in (("10%", 1.0), ("50%", 500.0), ("90%", 700.0), ("99%", 750.0))]  # fmt: skip
+    (tmp_path / "benchmark_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "benchmark_percentile.json").write_text(json.dumps(rows))
+    m = perf.level_metrics(tmp_path)
+    assert m["output_tok_s"] == 74.2 and m["requests_s"] == 2.3 and m["ttft_ms_mean"] == 619.3
+    assert m["success_rate"] == 0.75 and m["output_tokens_mean"] == 32
+    assert (m["ttft_ms_p50"], m["ttft_ms_p90"], m["ttft_ms_p99"]) == (500, 700, 750)
+    assert m["tpot_ms_p99"] == 75 and m["itl_ms_p50"] == 25 and "ttft_ms_p10" not in m
+
+    # two repeats of two levels: mean and sample standard deviation per level, curves by concurrency
+    def level(tok_s, success):
+        return {"output_tok_s": tok_s, "success_rate": success}
+
+    runs = {1: [level(10.0, 1.0), level(14.0, 1.0)], 4: [level(30.0, 1.0), level(30.0, 0.5)]}
+    result = perf.summarize(runs, perf.Config(concurrency=[1, 4], repeats=2), tmp_path)
+    assert result.curves["perf_output_tok_s"] == {1: 12.0, 4: 30.0}
+    assert result.curves["perf_output_tok_s_std"][1] == pytest.approx(math.sqrt(8))
+    assert result.metrics["perf_scaling"] == 2.5 and result.metrics["perf_success_rate_min"] == 0.75
+
+
+def test_gates_judge_only_metrics_the_run_has():
+    from qsweep import gates
+
+    cfg = gates.GatesConfig(
+        ppl_ratio_max=1.05, ifeval_recovery_min=0.95, extra={"perf_output_tok_s_c4_min": 50}
+    )
+    assert gates.evaluate(cfg, {"ppl_ratio": 1.05, "ifeval_recovery": 0.95, "perf_output_tok_s_c4": 50}) == []
+    missed = gates.evaluate(cfg, {"ppl_ratio": 1.06, "ifeval_recovery": 0.9, "perf_output_tok_s_c4": 49})
+    assert missed == ["ifeval_recovery 0.9 < 0.95", "perf_output_tok_s_c4 49 < 50", "ppl_ratio 1.06 > 1.05"]
+    assert gates.evaluate(cfg, {}) == []  # e.g. the baseline itself: nothing to compare
+    with pytest.raises(QsweepError, match="must end in _min or _max"):
+        gates.limits(gates.GatesConfig(extra={"ppl_ratio": 1.0}))
+
+
+def test_paired_perplexity_comparison_matches_hand_computation():
+    from qsweep.benchmarks import ppl
+
+    base = {"logprobs": [-1.0, -2.0, -3.0], "tokens": [5, 6, 7]}
+    quant = {"logprobs": [-1.5, -2.0, -3.5], "tokens": [5, 6, 7]}
+    base["ppl"], quant["ppl"] = math.exp(2.0), math.exp(7 / 3)
+    m = ppl.compare(quant, base)  # NLL differences 0.5, 0, 0.5: mean 1/3, sample sd 0.2887, se 1/6
+    assert m["ppl_ratio"] == pytest.approx(math.exp(1 / 3)) and m["ppl_ln_ratio"] == pytest.approx(1 / 3)
+    assert m["ppl_ln_ratio_err"] == pytest.approx(1 / 6)
+    assert m["ppl_ratio_ci_low"] == pytest.approx(math.exp(1 / 3 - 1.959964 / 6))
+    assert m["ppl_within_noise"] == 0.0  # 1/3 - 0.327 > 0
+    other = ppl.compare({**quant, "tokens": [5, 6, 8]}, base)  # different tokens: no paired interval
+    assert other["ppl_ratio"] == pytest.approx(math.exp(1 / 3)) and "ppl_ln_ratio" not in other

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep.benchmarks import ppl
+from qsweep.benchmarks import perf, ppl
 from qsweep.cache import ArtifactCache
 from qsweep.calibration import CalibrationConfig, CalibrationSource
 from qsweep.context import JobContext
@@ -54,15 +54,30 @@ def vllm_env():
 @pytest.fixture(scope="module")
 def baseline_ppl(smollm2, ctx, vllm_env) -> dict[str, float]:
     """The unquantized model's perplexity on vLLM (checkpoint) and llama.cpp (its f16 GGUF)."""
-    with vllm.serve(vllm.Config(), baseline.build(baseline.Config(), smollm2, "hf", ctx), ctx) as served:
+    load = perf.Config(concurrency=[2], requests_per_level=1, input_tokens=16, output_tokens=8)
+    engine_cfg = vllm.fit_to_load(vllm.Config(max_num_seqs=1), 2, perf.tokens_per_request(load))
+    assert engine_cfg.max_num_seqs == 2
+    with vllm.serve(engine_cfg, baseline.build(baseline.Config(), smollm2, "hf", ctx), ctx) as served:
         text, _ = served.complete("The capital of France is", 8)
         assert text.strip()
-        on_vllm = ppl.run(PPL, served, ctx)
+        on_vllm = ppl.run(PPL, served, ctx).metrics
+        load_test = perf.run(load, served, ctx).tables["perf_table.json"]
     with llamacpp.serve(
         llamacpp.Config(), baseline.build(baseline.Config(), smollm2, "gguf", ctx), ctx
     ) as served:
-        on_llamacpp = ppl.run(PPL, served, ctx)
-    return {"vllm": on_vllm["ppl"], "llamacpp": on_llamacpp["ppl"], "tokens": on_vllm["ppl_scored_tokens"]}
+        on_llamacpp = ppl.run(PPL, served, ctx).metrics
+    return {
+        "vllm": on_vllm["ppl"],
+        "llamacpp": on_llamacpp["ppl"],
+        "tokens": on_vllm["ppl_scored_tokens"],
+        "load_test": load_test,
+    }
+
+
+def test_load_test_runs_against_vllm(baseline_ppl):
+    (row,) = baseline_ppl["load_test"]
+    assert row["concurrency"] == 2 and row["success_rate"] == 1.0
+    assert row["input_tokens_mean"] == 16 and row["output_tokens_mean"] == 8 and row["output_tok_s"] > 0
 
 
 def test_baseline_perplexity_agrees_across_engines(baseline_ppl):
@@ -84,7 +99,7 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
     if name == "awq":  # calibrated on chat data, which the stage rendered with the chat template
         assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     with vllm.serve(vllm.Config(), artifact, ctx) as served:
-        result = ppl.run(PPL, served, ctx)
+        result = ppl.run(PPL, served, ctx).metrics
     assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
     assert result["ppl"] < 2 * baseline_ppl["vllm"]  # quantized, not broken
 
@@ -103,5 +118,5 @@ def test_gptqmodel_backend_serves_on_vllm(smollm2, ctx, baseline_ppl):
     assert (artifact.path / "quantize_config.json").is_file()  # GPTQModel's own format
     assert 4 <= artifact.metrics["bits_per_weight"] < 16
     with vllm.serve(vllm.Config(), artifact, ctx) as served:
-        result = ppl.run(PPL, served, ctx)
+        result = ppl.run(PPL, served, ctx).metrics
     assert math.isfinite(result["ppl"]) and baseline_ppl["vllm"] < result["ppl"] < 2 * baseline_ppl["vllm"]

@@ -66,6 +66,12 @@ class ArtifactCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def lookup(self, kind: str, key_parts: dict) -> CacheEntry | None:
+        """The entry for `key_parts` if it is cached, without building anything."""
+        final = self.root / kind / content_key(key_parts)
+        cached = self._read(final)
+        return CacheEntry(final, cached, hit=True) if cached is not None else None
+
     def entry(
         self, kind: str, key_parts: dict, build: Callable[[Path], dict | None], what: str
     ) -> CacheEntry:

@@ -15,7 +15,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from qsweep import compat, config, job, models, procs
+from qsweep import compat, config, gates, job, models, procs
 from qsweep.benchmarks import BENCHMARKS
 from qsweep.engines import ENGINES
 from qsweep.envs import REPO_ROOT
@@ -87,9 +87,12 @@ def validate(cfg: DictConfig) -> None:
     if hasattr(method, "check"):
         method.check(OmegaConf.to_object(cfg.method))
     models.check(OmegaConf.to_object(cfg.model))
+    gates.limits(OmegaConf.to_object(cfg.gates))
     for name, node in cfg.benchmark.items():
         if node is not None:
-            BENCHMARKS.get(name)
+            benchmark = BENCHMARKS.get(name)
+            if hasattr(benchmark, "check"):
+                benchmark.check(OmegaConf.to_object(node))
             if "text" in node:
                 source_file(OmegaConf.to_object(node.text))
 

@@ -12,10 +12,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qsweep.benchmarks import ppl
+from qsweep.benchmarks import perf, ppl
 from qsweep.calibration import CalibrationConfig
 from qsweep.engines import llamacpp, vllm
 from qsweep.envs import REPO_ROOT, default_home
+from qsweep.gates import GatesConfig
 from qsweep.methods import baseline, gguf, llmcompressor
 from qsweep.models import ModelConfig
 
@@ -42,6 +43,7 @@ class BenchmarksConfig:
     """One optional entry per benchmark; `benchmark=[ppl]` selects which run."""
 
     ppl: ppl.Config | None = None
+    perf: perf.Config | None = None
 
 
 @dataclass
@@ -53,6 +55,7 @@ class QsweepConfig:
     # Calibration data shared by every calibrated method of a sweep (methods point at it with
     # ${calibration}), so `calibration.num_samples=8` applies across a sweep of mixed methods.
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -65,6 +68,7 @@ SCHEMAS = {
     ("engine", "llamacpp_schema"): (llamacpp.Config, None),
     ("engine", "vllm_schema"): (vllm.Config, None),
     ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
+    ("benchmark", "perf_schema"): (perf.Config, "benchmark.perf"),
 }
 
 

@@ -39,3 +39,20 @@ class Artifact:
     # The source model's transformers tokenizer, for a GGUF file: lets the job tell when llama.cpp
     # splits a text differently from it (and so from vLLM).
     hf_tokenizer: Path | None = None
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """A directory transformers can load this model's tokenizer from."""
+        return self.path if self.format == "hf" else self.hf_tokenizer
+
+
+@dataclass
+class BenchmarkResult:
+    """What a benchmark hands back for MLflow (a plain dict of metrics also works)."""
+
+    metrics: dict[str, float]
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {step: value}
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # artifact file -> rows
+    files: dict[str, Path] = field(default_factory=dict)  # artifact folder -> file or folder to keep
+    # Per-sample data a quantized job compares against the baseline's (see qsweep.reference).
+    samples: dict | None = None

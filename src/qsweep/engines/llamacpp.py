@@ -7,6 +7,7 @@ scoring runs in-process with llama-cpp-python on the same file (stage_scripts/ll
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -39,6 +40,19 @@ class Config:
     request_timeout_s: int = 300
     smoke_prompt: str = "The capital of France is"
     smoke_max_tokens: int = 16
+    fit_to_load: bool = True  # raise parallel / ctx_size to what a load test needs
+
+
+def fit_to_load(cfg: Config, concurrency: int, tokens_per_request: int) -> Config:
+    """Fair serving preset: one slot per concurrent request, each with room for a whole request.
+    llama-server splits ctx_size across its slots; with the default single slot it serves requests
+    one at a time (the seed's flat ~205 tok/s from 1 to 100 users)."""
+    if not cfg.fit_to_load:
+        return cfg
+    parallel = max(cfg.parallel, concurrency)
+    return dataclasses.replace(
+        cfg, parallel=parallel, ctx_size=max(cfg.ctx_size, parallel * tokens_per_request)
+    )
 
 
 class LlamaCppServed(ServedModel):

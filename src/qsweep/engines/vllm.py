@@ -5,6 +5,7 @@ where a GPU is present), on 127.0.0.1. Prompt log-probs for perplexity come from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,19 @@ class Config:
     request_timeout_s: int = 600
     smoke_prompt: str = "The capital of France is"
     smoke_max_tokens: int = 16
+    fit_to_load: bool = True  # raise max_num_seqs / max_model_len to what a load test needs
+
+
+def fit_to_load(cfg: Config, concurrency: int, tokens_per_request: int) -> Config:
+    """Fair serving preset: enough sequences for the load test's largest concurrency, so requests
+    are not queued by a setting rather than by the engine."""
+    if not cfg.fit_to_load:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        max_num_seqs=max(cfg.max_num_seqs, concurrency),
+        max_model_len=max(cfg.max_model_len, tokens_per_request),
+    )
 
 
 def device(cfg: Config) -> str:

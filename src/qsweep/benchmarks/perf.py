@@ -1,0 +1,173 @@
+"""Benchmark `perf`: a concurrency load test with `evalscope perf` against the served endpoint.
+
+Random prompts of exactly `input_tokens` tokens built on the model's own tokenizer, `ignore_eos` so
+every request generates `output_tokens`, warm-up requests before timing, and every concurrency level
+repeated `repeats` times (reported as mean and standard deviation). Per level: output and total
+tok/s, requests/s, TTFT / TPOT / ITL mean, p50, p90, p99 and the success rate, logged with
+step=concurrency so the MLflow UI draws curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qsweep import procs, stats
+from qsweep.context import BenchmarkResult, JobContext
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+
+ENV = "evalscope"
+# evalscope's benchmark_summary.json keys -> qsweep metric names (per concurrency level)
+SUMMARY = {
+    "Output Throughput (tok/s)": "output_tok_s",
+    "Total Throughput (tok/s)": "total_tok_s",
+    "Req Throughput (req/s)": "requests_s",
+    "Avg TTFT (ms)": "ttft_ms_mean",
+    "Avg TPOT (ms)": "tpot_ms_mean",
+    "Avg ITL (ms)": "itl_ms_mean",
+    "Avg Latency (s)": "latency_s_mean",
+    "Avg Input Tokens": "input_tokens_mean",
+    "Avg Output Tokens": "output_tokens_mean",
+}
+# benchmark_percentile.json columns and rows kept
+PERCENTILE_COLUMNS = {"TTFT (ms)": "ttft_ms", "TPOT (ms)": "tpot_ms", "ITL (ms)": "itl_ms"}
+PERCENTILE_ROWS = {"50%": "p50", "90%": "p90", "99%": "p99"}
+
+
+@dataclass
+class Config:
+    concurrency: list[int] = field(default_factory=lambda: [1, 4])
+    requests_per_level: int = 2  # requests at each level = this x concurrency (the seed: ~2x)
+    input_tokens: int = 128  # the seed used 1024 in / 1024 out on a GPU
+    output_tokens: int = 64
+    warmup_requests: int = 1  # sent before each timed level, not counted
+    repeats: int = 1  # each level run this many times: mean and standard deviation
+    stream: bool = True  # TTFT / ITL need streaming
+    timeout_s: int = 3600
+
+
+def tokens_per_request(cfg: Config) -> int:
+    """Context one request needs (the fair serving presets size the server's context from it)."""
+    return cfg.input_tokens + cfg.output_tokens + 16
+
+
+def check(cfg: Config) -> None:
+    if not cfg.concurrency or min(cfg.concurrency) < 1:
+        raise QsweepError("benchmark.perf.concurrency needs positive levels, e.g. [1,4]")
+    if cfg.input_tokens < 1 or cfg.output_tokens < 1 or cfg.requests_per_level < 1 or cfg.repeats < 1:
+        raise QsweepError(
+            "benchmark.perf needs input_tokens, output_tokens, requests_per_level, repeats >= 1"
+        )
+
+
+def level_metrics(level_dir: Path) -> dict[str, float]:
+    """One evalscope level directory (`parallel_P_number_N/`) as qsweep's metrics."""
+    summary = json.loads((level_dir / "benchmark_summary.json").read_text())
+    metrics = {name: float(summary[key]) for key, name in SUMMARY.items() if key in summary}
+    total = summary.get("Total Requests") or 0
+    metrics["success_rate"] = (summary.get("Success Requests") or 0) / total if total else 0.0
+    percentile_file = level_dir / "benchmark_percentile.json"
+    rows = json.loads(percentile_file.read_text()) if percentile_file.is_file() else []
+    for row in rows:
+        suffix = PERCENTILE_ROWS.get(row.get("Percentiles"))
+        for column, name in PERCENTILE_COLUMNS.items():
+            if suffix and row.get(column) is not None:
+                metrics[f"{name}_{suffix}"] = float(row[column])
+    return metrics
+
+
+def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
+    check(cfg)
+    env = StageEnv(ENV)
+    env.require()
+    tokenizer = served.artifact.tokenizer_dir
+    if tokenizer is None:
+        raise QsweepError("benchmark perf needs the model's transformers tokenizer; this artifact has none")
+    out = ctx.log_dir / "perf"
+    environ = env.environ(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    environ.pop("TQDM_DISABLE", None)  # evalscope's progress logger breaks on a disabled tqdm
+    levels = sorted(set(cfg.concurrency))
+    numbers = [cfg.requests_per_level * c for c in levels]
+    runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+    for repeat in range(cfg.repeats):
+        name = f"repeat{repeat}"
+        print(
+            f"[qsweep]   perf {repeat + 1}/{cfg.repeats}: concurrency {levels}, requests {numbers}, "
+            f"{cfg.input_tokens} in / {cfg.output_tokens} out",
+            flush=True,
+        )
+        cmd = [
+            env.root / "bin" / "evalscope",
+            "perf",
+            "--url", f"{served.url}/v1/completions",
+            "--api", "openai",
+            "--model", served.model_name or "qsweep",
+            "--tokenizer-path", tokenizer,
+            "--dataset", "random",
+            "--min-prompt-length", str(cfg.input_tokens),
+            "--max-prompt-length", str(cfg.input_tokens),
+            "--min-tokens", str(cfg.output_tokens),
+            "--max-tokens", str(cfg.output_tokens),
+            "--extra-args", json.dumps({"ignore_eos": True}),
+            "--parallel", *map(str, levels),
+            "--number", *map(str, numbers),
+            "--warmup-num", str(cfg.warmup_requests),
+            "--sleep-interval", "0",
+            "--read-timeout", str(cfg.timeout_s),
+            "--seed", str(repeat),
+            "--outputs-dir", out,
+            "--name", name,
+            "--no-timestamp",
+            "--stream" if cfg.stream else "--no-stream",
+            # aiohttp reuses keep-alive connections that llama-server has already closed, and a
+            # request then fails with "Server disconnected" (seen at concurrency 3): one connection
+            # per request, as a fresh client would open.
+            "--headers", "Connection=close",
+        ]  # fmt: skip
+        procs.run(
+            cmd,
+            log_path=ctx.log("perf.log"),
+            timeout_s=cfg.timeout_s,
+            what="evalscope perf",
+            env=environ,
+            cwd=ctx.log_dir,
+        )
+        for c, n in zip(levels, numbers, strict=True):
+            level_dir = out / name / f"parallel_{c}_number_{n}"
+            if not (level_dir / "benchmark_summary.json").is_file():
+                raise QsweepError(f"evalscope perf wrote no results for concurrency {c}: see logs/perf.log")
+            runs[c].append(level_metrics(level_dir))
+    return summarize(runs, cfg, out)
+
+
+def summarize(runs: dict[int, list[dict[str, float]]], cfg: Config, out: Path) -> BenchmarkResult:
+    """Mean (and standard deviation over repeats) of every metric at every level."""
+    curves: dict[str, dict[int, float]] = {}
+    rows = []
+    for c, repeats in runs.items():
+        row: dict[str, float] = {"concurrency": c}
+        for key in repeats[0]:
+            values = [r[key] for r in repeats if key in r and math.isfinite(r[key])]
+            if not values:
+                continue
+            mean, std = stats.mean_std(values)
+            curves.setdefault(f"perf_{key}", {})[c] = mean
+            row[key] = mean
+            if cfg.repeats > 1:
+                curves.setdefault(f"perf_{key}_std", {})[c] = std
+                row[f"{key}_std"] = std
+        rows.append(row)
+    low, high = min(runs), max(runs)
+    metrics = {
+        f"perf_output_tok_s_c{low}": curves["perf_output_tok_s"][low],
+        f"perf_output_tok_s_c{high}": curves["perf_output_tok_s"][high],
+        "perf_success_rate_min": min(curves["perf_success_rate"].values()),
+    }
+    if high != low and curves["perf_output_tok_s"][low] > 0:
+        metrics["perf_scaling"] = curves["perf_output_tok_s"][high] / curves["perf_output_tok_s"][low]
+    return BenchmarkResult(
+        metrics=metrics, curves=curves, tables={"perf_table.json": rows}, files={"perf": out}
+    )

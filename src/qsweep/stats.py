@@ -1,0 +1,89 @@
+"""Uncertainty for every number a sweep compares: standard errors, 95% intervals, deltas against the
+baseline, recovery ratios. Normal approximations throughout (what lm-eval-harness and evalscope
+users know); `Z95` is the two-sided 95% quantile."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    stderr: float
+    n: int
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return self.mean - Z95 * self.stderr, self.mean + Z95 * self.stderr
+
+
+def estimate(scores: list[float]) -> Estimate:
+    """Mean of per-sample scores (0/1 for accuracy) and its standard error, std(ddof=1)/sqrt(n)."""
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no scores")
+    mean = sum(scores) / n
+    if n == 1:
+        return Estimate(mean, math.nan, 1)
+    variance = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return Estimate(mean, math.sqrt(variance / n), n)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    delta: float  # candidate - baseline
+    stderr: float
+    paired: bool  # same samples on both sides: the standard error of the per-sample differences
+    recovery: float  # candidate / baseline
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return self.delta - Z95 * self.stderr, self.delta + Z95 * self.stderr
+
+    @property
+    def within_noise(self) -> bool:
+        """The 95% interval of the delta contains zero: no evidence of a difference."""
+        low, high = self.ci95
+        return low <= 0.0 <= high
+
+
+def compare(candidate: dict[str, float], baseline: dict[str, float]) -> Comparison:
+    """Compare per-sample scores keyed by sample id. Where both sides scored the same samples the
+    delta is paired (much tighter: both models find the same questions hard); otherwise the two
+    standard errors add in quadrature."""
+    cand, base = estimate(list(candidate.values())), estimate(list(baseline.values()))
+    recovery = cand.mean / base.mean if base.mean else math.nan
+    common = sorted(set(candidate) & set(baseline))
+    if len(common) >= 2 and len(common) == len(candidate) == len(baseline):
+        diff = estimate([candidate[k] - baseline[k] for k in common])
+        return Comparison(diff.mean, diff.stderr, True, recovery)
+    return Comparison(cand.mean - base.mean, math.hypot(cand.stderr, base.stderr), False, recovery)
+
+
+def compare_estimates(candidate: Estimate, baseline: Estimate) -> Comparison:
+    """Unpaired comparison of two summary estimates (perplexity, where only mean and error are kept)."""
+    recovery = candidate.mean / baseline.mean if baseline.mean else math.nan
+    return Comparison(
+        candidate.mean - baseline.mean, math.hypot(candidate.stderr, baseline.stderr), False, recovery
+    )
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of repeated measurements (0 for a single one)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
