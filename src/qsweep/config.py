@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qsweep.benchmarks import perf, ppl
+from qsweep.benchmarks import accuracy, perf, ppl
 from qsweep.calibration import CalibrationConfig
 from qsweep.engines import llamacpp, vllm
 from qsweep.envs import REPO_ROOT, default_home
@@ -44,6 +44,7 @@ class BenchmarksConfig:
 
     ppl: ppl.Config | None = None
     perf: perf.Config | None = None
+    accuracy: accuracy.Config | None = None
 
 
 @dataclass
@@ -69,6 +70,7 @@ SCHEMAS = {
     ("engine", "vllm_schema"): (vllm.Config, None),
     ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
     ("benchmark", "perf_schema"): (perf.Config, "benchmark.perf"),
+    ("benchmark", "accuracy_schema"): (accuracy.Config, "benchmark.accuracy"),
 }
 
 

@@ -60,6 +60,12 @@ def fit_engine_to_load(engine, engine_cfg, benchmarks: dict[str, object]) -> tup
     return fitted, changed
 
 
+def headline(metrics: dict[str, float]) -> str:
+    """The metrics worth a terminal line (standard errors and intervals stay in MLflow)."""
+    detail = ("_stderr", "_err", "_n", "_ci_low", "_ci_high")
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith(detail) or k == "ppl_err")
+
+
 def compare_with_baseline(
     results: dict[str, BenchmarkResult], benchmarks: dict, model, method_cfg, engine, engine_cfg, fmt, ctx
 ) -> dict[str, float]:
@@ -88,7 +94,7 @@ def compare_with_baseline(
         if base is not None:
             deltas.update(BENCHMARKS.get(name).compare(result.samples, base))
     if deltas:
-        print("[qsweep]   vs baseline: " + ", ".join(f"{k}={v:.4g}" for k, v in deltas.items()), flush=True)
+        print(f"[qsweep]   vs baseline: {headline(deltas)}", flush=True)
     return deltas
 
 
@@ -177,11 +183,7 @@ def run_job(cfg: DictConfig) -> str:
                 if not isinstance(result, BenchmarkResult):
                     result = BenchmarkResult(metrics=result)
                 tracking.log_result(client, run_id, result)
-                print(
-                    f"[qsweep]   {bench_name}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()),
-                    flush=True,
-                )
+                print(f"[qsweep]   {bench_name}: {headline(result.metrics)}", flush=True)
                 results[bench_name] = result
 
         with stage("compare", timings):  # after the server stopped: may serve the baseline itself

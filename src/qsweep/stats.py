@@ -33,6 +33,18 @@ def estimate(scores: list[float]) -> Estimate:
     return Estimate(mean, math.sqrt(variance / n), n)
 
 
+def proportion_interval(scores: list[float]) -> tuple[float, float]:
+    """95% interval of a mean score. For 0/1 scores the Wilson score interval, which stays inside
+    [0, 1] and is not [0, 0] when no sample passed; otherwise the normal interval."""
+    n = len(scores)
+    if n and all(s in (0.0, 1.0) for s in scores):
+        p, z2 = sum(scores) / n, Z95 * Z95
+        center = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        return max(0.0, center - half), min(1.0, center + half)
+    return estimate(scores).ci95
+
+
 @dataclass(frozen=True)
 class Comparison:
     delta: float  # candidate - baseline

@@ -3,4 +3,11 @@ and `run(cfg, served, ctx)` returning a dict of metrics or a `context.BenchmarkR
 
 from qsweep.registry import Registry
 
-BENCHMARKS = Registry("benchmark", {"ppl": "qsweep.benchmarks.ppl", "perf": "qsweep.benchmarks.perf"})
+BENCHMARKS = Registry(
+    "benchmark",
+    {
+        "ppl": "qsweep.benchmarks.ppl",
+        "perf": "qsweep.benchmarks.perf",
+        "accuracy": "qsweep.benchmarks.accuracy",
+    },
+)

