@@ -233,13 +233,18 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamac
 
 
 def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_path, llamacpp_env):
-    """The quantized job runs first, so it evaluates the baseline itself; the baseline job that
-    follows measures the same perplexity independently. A tight gate is missed, and said so."""
+    """Issue 4's sweep, every benchmark. The quantized job runs first, so it evaluates the baseline
+    itself (once, all benchmarks on one server); the baseline job that follows measures the same
+    numbers independently. A tight gate is missed, and said so."""
     done = run_cli(
         "-m",
         "method=gguf-q4_k_m,none",
-        "benchmark=[ppl,accuracy]",
+        "engine=llamacpp",
+        "benchmark=[ppl,accuracy,perf,kld]",  # the issue's spelling; every benchmark on one server
         "benchmark.ppl.max_tokens=1024",
+        "benchmark.kld.max_tokens=1024",
+        "benchmark.perf.concurrency=[1,2]",
+        "benchmark.perf.output_tokens=16",
         "benchmark.accuracy.datasets=[mmlu,ifeval]",
         "benchmark.accuracy.limit=3",
         "benchmark.accuracy.max_tokens=24",
@@ -271,3 +276,11 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
             in quant.metrics
         )
     assert "MISSED GATES: ppl_ratio" in done.stdout
+    # KL divergence (exact on llama.cpp) and the load test, on one server start per job
+    assert (
+        0 < quant.metrics["kld_mean"] < quant.metrics["kld_p99"] and 0.5 < quant.metrics["top1_agreement"] < 1
+    )
+    assert "kld_mean" not in base.metrics  # the baseline against itself is not measured
+    for run in (quant, base):
+        assert run.metrics["perf_success_rate_min"] == 1 and run.params["served.parallel"] == "2"
+    assert done.stdout.count("starting llama-server") == 3  # two jobs + the baseline evaluated once

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qsweep import procs
-from qsweep.benchmarks import accuracy, perf, ppl
+from qsweep.benchmarks import accuracy, kld, perf, ppl
 from qsweep.cache import ArtifactCache
 from qsweep.config import PathsConfig
 from qsweep.context import JobContext
@@ -167,6 +167,40 @@ def test_ifeval_sentence_splitter_works_offline(ctx):
         env=env.environ(NLTK_DATA=str(evaldata.punkt_dir(ctx.artifact_cache)), HF_HUB_OFFLINE="1"),
     )
     assert log.read_text().strip().splitlines()[-1] == "4"
+
+
+def test_kl_divergence_matches_llama_perplexity(f16, q4_k_m, ctx, llamacpp_env, tmp_path):
+    cfg = kld.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
+    samples = {}
+    for name, artifact in (("base", f16), ("quant", q4_k_m)):
+        with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
+            samples[name] = kld.run(cfg, served, ctx).samples
+        kept = tmp_path / f"{name}.npy"  # each run writes the job's own file; keep both
+        shutil.move(samples[name]["logprobs_npy"], kept)
+        samples[name]["logprobs_npy"] = str(kept)
+    ours = kld.compare(samples["quant"], samples["base"])
+
+    # llama.cpp's own tool on the same files, text, context and chunks
+    text, env = source_file(cfg.text), llamacpp_env
+    args = [
+        "-f",
+        text,
+        "-c",
+        N_CTX,
+        "--chunks",
+        MAX_TOKENS // N_CTX,
+        "--kl-divergence-base",
+        tmp_path / "base.kld",
+    ]
+    for model, extra, log in ((f16, [], "kld-base.log"), (q4_k_m, ["--kl-divergence"], "kld-q4.log")):
+        procs.run([env.tool("llama-perplexity"), "-m", model.path, *args, *extra], log_path=ctx.log(log),
+                  timeout_s=900, what="llama-perplexity --kl-divergence", env=env.environ())  # fmt: skip
+    report = ctx.log("kld-q4.log").read_text()
+    mean = float(re.search(r"Mean\s+KLD:\s+([\d.]+)", report).group(1))
+    same_top = float(re.search(r"Same top p:\s+([\d.]+)", report).group(1)) / 100
+    assert abs(ours["kld_mean"] - mean) / mean < 0.10, (ours, mean)
+    assert abs(ours["top1_agreement"] - same_top) < 0.02, (ours, same_top)
+    assert 0 < ours["kld_median"] < ours["kld_mean"] < ours["kld_p99"]
 
 
 def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):

@@ -373,3 +373,37 @@ def test_accuracy_reads_evalscope_reviews_and_compares_paired(tmp_path):
     assert deltas["mmlu_delta"] == -0.25 and deltas["mmlu_delta_stderr"] == pytest.approx(0.25)
     assert deltas["mmlu_recovery"] == pytest.approx(0.5 / 0.75) and deltas["mmlu_within_noise"] == 1.0
     assert deltas["mmlu_base"] == 0.75
+
+
+def test_top_k_kl_divergence_matches_hand_computation():
+    from qsweep.benchmarks import kld
+
+    base = ([1, 2], [math.log(0.5), math.log(0.3)])  # and 0.2 elsewhere
+    # quantized: 0.4 / 0.4 on the same tokens, 0.2 elsewhere
+    same = kld.position_kld(base, {1: math.log(0.4), 2: math.log(0.4)})
+    assert same == pytest.approx(0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4))
+    # token 2 is not in the quantized top-k: it gets the k-th log-prob (0.3), the rest is 0.1
+    missing = kld.position_kld(base, {1: math.log(0.6), 3: math.log(0.3)})
+    assert missing == pytest.approx(0.5 * math.log(0.5 / 0.6) + 0.2 * math.log(0.2 / 0.1))
+
+
+def test_exact_kl_divergence_and_top_token_agreement(tmp_path):
+    import numpy as np
+
+    from qsweep.benchmarks import kld
+
+    p = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    q = np.log(np.array([[0.5, 0.4, 0.1], [0.45, 0.1, 0.45]]))
+    np.save(tmp_path / "p.npy", p.astype(np.float16))
+    np.save(tmp_path / "q.npy", q.astype(np.float16))
+    klds, agree = kld.exact_kld(str(tmp_path / "p.npy"), str(tmp_path / "q.npy"))
+    expected = [
+        0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.4),
+        0.1 * math.log(0.1 / 0.45) + 0.8 * math.log(0.8 / 0.45),
+    ]
+    assert klds == pytest.approx(expected, abs=2e-3)  # float16 storage, as llama-perplexity's
+    assert agree == [1.0, 0.0]  # token 0 vs 0; token 2 vs 0 (0.45 ties: argmax takes the first)
+    m = kld.compare({"tokens": [1], "logprobs_npy": str(tmp_path / "q.npy")},
+                    {"tokens": [1], "logprobs_npy": str(tmp_path / "p.npy")})  # fmt: skip
+    assert m["kld_mean"] == pytest.approx(sum(expected) / 2, abs=2e-3) and m["top1_agreement"] == 0.5
+    assert kld.compare({"tokens": [2]}, {"tokens": [1]}) == {}  # different tokenization: no number

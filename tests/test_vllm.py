@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep.benchmarks import perf, ppl
+from qsweep.benchmarks import kld, perf, ppl
 from qsweep.cache import ArtifactCache
 from qsweep.calibration import CalibrationConfig, CalibrationSource
 from qsweep.context import JobContext
@@ -20,6 +20,7 @@ from qsweep.textdata import TextConfig
 pytestmark = pytest.mark.slow
 
 PPL = ppl.Config(text=TextConfig(), n_ctx=512, max_tokens=2048)
+KLD = kld.Config(text=TextConfig(), n_ctx=512, max_tokens=1024, top_k=32)
 TINY_CALIBRATION = CalibrationConfig(num_samples=4, seq_len=128)
 # ShareGPT conversations rendered with SmolLM2's chat template (ChatML).
 CHAT_CALIBRATION = CalibrationConfig(source=CalibrationSource.chat, num_samples=4, seq_len=128)
@@ -62,6 +63,7 @@ def baseline_ppl(smollm2, ctx, vllm_env) -> dict[str, float]:
         assert text.strip()
         on_vllm = ppl.run(PPL, served, ctx).metrics
         load_test = perf.run(load, served, ctx).tables["perf_table.json"]
+        top_k = kld.run(KLD, served, ctx).samples
     with llamacpp.serve(
         llamacpp.Config(), baseline.build(baseline.Config(), smollm2, "gguf", ctx), ctx
     ) as served:
@@ -71,6 +73,7 @@ def baseline_ppl(smollm2, ctx, vllm_env) -> dict[str, float]:
         "llamacpp": on_llamacpp["ppl"],
         "tokens": on_vllm["ppl_scored_tokens"],
         "load_test": load_test,
+        "kld": top_k,
     }
 
 
@@ -100,6 +103,9 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
         assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     with vllm.serve(vllm.Config(), artifact, ctx) as served:
         result = ppl.run(PPL, served, ctx).metrics
+        if name == "gptq":  # KL divergence from the baseline through vLLM's top-k prompt log-probs
+            divergence = kld.compare(kld.run(KLD, served, ctx).samples, baseline_ppl["kld"])
+            assert 0 < divergence["kld_mean"] < 1 and 0.5 < divergence["top1_agreement"] < 1, divergence
     assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
     assert result["ppl"] < 2 * baseline_ppl["vllm"]  # quantized, not broken
 

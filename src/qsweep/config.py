@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qsweep.benchmarks import accuracy, perf, ppl
+from qsweep.benchmarks import accuracy, kld, perf, ppl
 from qsweep.calibration import CalibrationConfig
 from qsweep.engines import llamacpp, vllm
 from qsweep.envs import REPO_ROOT, default_home
@@ -45,6 +45,7 @@ class BenchmarksConfig:
     ppl: ppl.Config | None = None
     perf: perf.Config | None = None
     accuracy: accuracy.Config | None = None
+    kld: kld.Config | None = None
 
 
 @dataclass
@@ -71,6 +72,7 @@ SCHEMAS = {
     ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
     ("benchmark", "perf_schema"): (perf.Config, "benchmark.perf"),
     ("benchmark", "accuracy_schema"): (accuracy.Config, "benchmark.accuracy"),
+    ("benchmark", "kld_schema"): (kld.Config, "benchmark.kld"),
 }
 
 

@@ -77,9 +77,10 @@ def compare_with_baseline(
     }
     keys = {name: reference.key(model, engine.ENV, engine_cfg, name, benchmarks[name]) for name in comparable}
     if method_cfg.kind == "baseline":
-        if method_cfg == type(method_cfg)():  # the default baseline is what quantized jobs compare with
-            for name, result in comparable.items():
+        for name, result in comparable.items():
+            if method_cfg == type(method_cfg)():  # the default baseline: what quantized jobs compare with
                 reference.store(ctx.artifact_cache, keys[name], result.samples)
+            reference.discard_files(result.samples)
         return {}
     missing = {
         name: (keys[name], benchmarks[name])
@@ -93,6 +94,7 @@ def compare_with_baseline(
         base = reference.load(ctx.artifact_cache, keys[name])
         if base is not None:
             deltas.update(BENCHMARKS.get(name).compare(result.samples, base))
+        reference.discard_files(result.samples)
     if deltas:
         print(f"[qsweep]   vs baseline: {headline(deltas)}", flush=True)
     return deltas

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 from qsweep.cache import ArtifactCache
@@ -37,8 +38,15 @@ def key(model: PreparedModel, engine_env: str, engine_cfg, bench_name: str, benc
 
 
 def store(cache: ArtifactCache, parts: dict, samples: dict) -> None:
+    """Keep the baseline's samples; values under keys ending in `_npy` are files, copied along."""
+
     def write(tmp: Path) -> dict:
-        (tmp / "samples.json").write_text(json.dumps(samples))
+        kept = dict(samples)
+        for name, value in samples.items():
+            if name.endswith("_npy"):
+                shutil.copyfile(value, tmp / f"{name}.npy")
+                kept[name] = f"{name}.npy"
+        (tmp / "samples.json").write_text(json.dumps(kept))
         return {}
 
     cache.entry(KIND, parts, write, what=f"baseline {parts['benchmark']} results")
@@ -46,7 +54,17 @@ def store(cache: ArtifactCache, parts: dict, samples: dict) -> None:
 
 def load(cache: ArtifactCache, parts: dict) -> dict | None:
     entry = cache.lookup(KIND, parts)
-    return json.loads((entry.path / "samples.json").read_text()) if entry else None
+    if entry is None:
+        return None
+    samples = json.loads((entry.path / "samples.json").read_text())
+    return {k: str(entry.path / v) if k.endswith("_npy") else v for k, v in samples.items()}
+
+
+def discard_files(samples: dict) -> None:
+    """Remove a job's own sample files (big) once compared or stored."""
+    for name, value in samples.items():
+        if name.endswith("_npy"):
+            Path(value).unlink(missing_ok=True)
 
 
 def evaluate_baseline(
@@ -70,3 +88,4 @@ def evaluate_baseline(
             result = BENCHMARKS.get(name).run(bench_cfg, served, sub)
             if isinstance(result, BenchmarkResult) and result.samples is not None:
                 store(ctx.artifact_cache, parts, result.samples)
+                discard_files(result.samples)

@@ -9,5 +9,6 @@ BENCHMARKS = Registry(
         "ppl": "qsweep.benchmarks.ppl",
         "perf": "qsweep.benchmarks.perf",
         "accuracy": "qsweep.benchmarks.accuracy",
+        "kld": "qsweep.benchmarks.kld",
     },
 )

@@ -89,6 +89,31 @@ class LlamaCppServed(ServedModel):
         result = self._score_script("tokenize", "--text", text, *compare, timeout_s=timeout_s)
         return Tokenized(result["tokens"], result["bos"], result.get("hf_compare"))
 
+    def full_logprobs(self, chunks: list[list[int]], first: int, npy: Path, timeout_s: float) -> None:
+        """The whole next-token distribution at each position from `first`, as float16 in `npy`."""
+        path = self.ctx.log_dir / "chunks.json"
+        path.write_text(json.dumps({"chunks": chunks}))
+        try:
+            self._score_script(
+                "logprobs", "--chunks", path, "--first", str(first), "--npy", npy, timeout_s=timeout_s
+            )
+        finally:
+            path.unlink(missing_ok=True)
+
+    def top_logprobs(
+        self, chunks: list[list[int]], first: int, k: int, timeout_s: float
+    ) -> list[list[dict[int, float]]]:
+        """The k likeliest next tokens with log-probs at each position from `first` (in-process)."""
+        path = self.ctx.log_dir / "chunks.json"
+        path.write_text(json.dumps({"chunks": chunks}))
+        try:
+            top = self._score_script(
+                "topk", "--chunks", path, "--first", str(first), "--k", str(k), timeout_s=timeout_s
+            )["top"]
+        finally:
+            path.unlink(missing_ok=True)
+        return [[dict(zip(ids, lps, strict=True)) for ids, lps in chunk] for chunk in top]
+
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Log-prob of each chunk[j+1] given chunk[:j+1], for j from `first` to the end."""
         path = self.ctx.log_dir / "chunks.json"

@@ -46,6 +46,7 @@ class Config:
     smoke_prompt: str = "The capital of France is"
     smoke_max_tokens: int = 16
     fit_to_load: bool = True  # raise max_num_seqs / max_model_len to what a load test needs
+    max_logprobs: int = 128  # top-k log-probs a request may ask for (benchmark kld)
 
 
 def fit_to_load(cfg: Config, concurrency: int, tokens_per_request: int) -> Config:
@@ -79,6 +80,23 @@ class VllmServed(ServedModel):
         ]
         bare = self.request("/tokenize", {"prompt": "a", "add_special_tokens": False}, timeout_s)["tokens"]
         return Tokenized(tokens, with_special[0] if len(with_special) > len(bare) else None)
+
+    def top_logprobs(
+        self, chunks: list[list[int]], first: int, k: int, timeout_s: float
+    ) -> list[list[dict[int, float]]]:
+        """The k likeliest next tokens with log-probs at each position from `first` (prompt_logprobs=k;
+        vLLM adds the actual token, which is dropped unless it is among the k)."""
+        out = []
+        for chunk in chunks:
+            body = {"prompt": chunk, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            entries = self.request("/v1/completions", body, timeout_s)["choices"][0]["prompt_logprobs"]
+            positions = []
+            for j in range(first, len(chunk) - 1):
+                pairs = ((int(token), entry["logprob"]) for token, entry in entries[j + 1].items())
+                best = sorted(pairs, key=lambda pair: -pair[1])[:k]
+                positions.append(dict(best))
+            out.append(positions)
+        return out
 
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Prompt log-probs from the server (`prompt_logprobs: 0` returns the actual token's)."""
@@ -119,6 +137,8 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[VllmServ
         "--dtype",
         cfg.dtype,
         *(["--enforce-eager"] if cfg.enforce_eager else []),
+        "--max-logprobs",
+        cfg.max_logprobs,
         *(["--gpu-memory-utilization", cfg.gpu_memory_utilization] if on == "cuda" else []),
         *cfg.extra_args,
     ]

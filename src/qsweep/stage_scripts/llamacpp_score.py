@@ -6,6 +6,10 @@ from here. Runs inside the llamacpp stage environment; imports nothing from qswe
   tokenize --model F.gguf --text T.txt --out tokens.json [--hf-tokenizer DIR --compare-tokens N]
       -> {"tokens": [...], "bos": id or null}   (BOS added where the model asks for it)
          + "hf_compare": how the transformers tokenizer in DIR splits the first N tokens' text
+  logprobs --model F.gguf --chunks chunks.json --first K --npy out.npy --out info.json
+      -> out.npy: float16 log-probs of the whole vocabulary at each scored position (all chunks)
+  topk --model F.gguf --chunks chunks.json --first K --k N --out top.json
+      -> {"top": [[[ids], [logprobs]] of the N likeliest next tokens at each scored position] per chunk}
   score --model F.gguf --chunks chunks.json --first K --out scores.json
       -> {"logprobs": [[logprob of chunk[j+1] given chunk[:j+1]] for j in K .. len-2] per chunk}
 """
@@ -102,9 +106,54 @@ def score(args: argparse.Namespace) -> dict:
     return {"logprobs": out}
 
 
+def logprobs(args: argparse.Namespace) -> dict:
+    """Full next-token log-probs (float16, positions x vocabulary) at every scored position, as
+    llama-perplexity keeps them for --kl-divergence."""
+    import numpy as np
+
+    with open(args.chunks) as f:
+        chunks = json.load(f)["chunks"]
+    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
+    rows_out = []
+    for i, chunk in enumerate(chunks):
+        llm.reset()
+        llm.eval(chunk)
+        rows = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)[args.first : len(chunk) - 1]
+        top = rows.max(axis=1, keepdims=True)
+        rows_out.append(
+            (rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))).astype(np.float16)
+        )
+        print(f"log-probs of chunk {i + 1}/{len(chunks)}", file=sys.stderr, flush=True)
+    matrix = np.concatenate(rows_out)
+    np.save(args.npy, matrix)
+    return {"shape": list(matrix.shape)}
+
+
+def topk(args: argparse.Namespace) -> dict:
+    """The k most likely next tokens and their log-probs at every scored position."""
+    import numpy as np
+
+    with open(args.chunks) as f:
+        chunks = json.load(f)["chunks"]
+    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
+    out = []
+    for i, chunk in enumerate(chunks):
+        llm.reset()
+        llm.eval(chunk)
+        rows = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)[args.first : len(chunk) - 1]
+        top = rows.max(axis=1, keepdims=True)
+        logp = rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
+        ids = np.argpartition(-logp, args.k, axis=1)[:, : args.k]
+        out.append([[r.tolist(), logp[j, r].tolist()] for j, r in enumerate(ids)])
+        print(f"top-{args.k} of chunk {i + 1}/{len(chunks)}", file=sys.stderr, flush=True)
+    return {"top": out}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=["tokenize", "score"])
+    parser.add_argument("command", choices=["tokenize", "score", "topk", "logprobs"])
+    parser.add_argument("--npy")
+    parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--model", required=True)
     parser.add_argument("--text")
     parser.add_argument("--chunks")
@@ -114,7 +163,7 @@ def main() -> int:
     parser.add_argument("--compare-tokens", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = tokenize(args) if args.command == "tokenize" else score(args)
+    result = {"tokenize": tokenize, "score": score, "topk": topk, "logprobs": logprobs}[args.command](args)
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0
