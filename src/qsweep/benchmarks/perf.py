@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
     for repeat in range(cfg.repeats):
         name = f"repeat{repeat}"
+        shutil.rmtree(out / name, ignore_errors=True)  # evalscope refuses to overwrite an earlier run
         print(
             f"[qsweep]   perf {repeat + 1}/{cfg.repeats}: concurrency {levels}, requests {numbers}, "
             f"{cfg.input_tokens} in / {cfg.output_tokens} out",
