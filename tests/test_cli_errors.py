@@ -32,6 +32,12 @@ CASES = [
     (["benchmark.perf.concurrency=[0,4]"], "positive levels", "benchmark.perf.concurrency"),
     (["method=gptq", "calibration.source=sharegpt"], "Invalid value 'sharegpt'", "chat"),
     (["gates.ppl_ratio_mx=1.05"], "Key 'ppl_ratio_mx' not in", "gates"),
+    (
+        ["benchmark=[accuracy]", "benchmark.accuracy.datasets=[ceval]"],
+        "no offline data for ['ceval']",
+        "source=hub",
+    ),
+    (["benchmark=[kld]", "benchmark.kld.n_ctx=511"], "even n_ctx", "benchmark.kld"),
     (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
 ]
 
