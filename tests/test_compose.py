@@ -7,7 +7,7 @@ import itertools
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qsweep import cli, config
+from qsweep import cli, compat, config
 from qsweep.errors import QsweepError
 
 config.register()
@@ -53,3 +53,23 @@ def test_typed_schema_rejects_wrong_type_at_compose_time():
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"), pytest.raises(Exception) as info:
         compose("config", overrides=["method=gguf-q4_k_m", "method.imatrix_chunks=many"])
     assert "imatrix_chunks" in str(info.value)
+
+
+def test_compatibility_matrix_on_cpu():
+    """The declared matrix: GGUF methods only on llama.cpp, HF checkpoints only on vLLM (vLLM 0.32 has
+    no GGUF loader), the baseline on both; FP8 on vllm-cpu runs with a caveat on its speed."""
+    expected_served = {
+        "llamacpp": {"none", "gguf-q4_k_m", "gguf-iq4_xs"},
+        "vllm": {"none", "gptq", "awq", "fp8"},
+    }
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        for method, engine in itertools.product(OPTIONS["method"], OPTIONS["engine"]):
+            overrides = [f"method={method}", f"engine={engine}"] + (
+                ["engine.device=cpu"] if engine == "vllm" else []
+            )
+            cfg = compose("config", overrides=overrides)
+            reason = compat.skip_reason(cfg)
+            assert (reason is None) == (method in expected_served[engine]), (method, engine, reason)
+            if method.startswith("gguf") and engine == "vllm":
+                assert "no GGUF loader" in reason
+            assert (compat.caveat(cfg) is not None) == ((method, engine) == ("fp8", "vllm"))

@@ -135,6 +135,8 @@ def run_job(cfg: DictConfig) -> str:
         client.set_terminated(run_id, "FINISHED")
         print(f"[qsweep] job {name} skipped: {reason}", flush=True)
         return "SKIPPED"
+    if caveat := compat.caveat(cfg):
+        ctx.note(caveat)
 
     timings: dict[str, float] = {}
     status, error = "FINISHED", ""

@@ -53,6 +53,17 @@ class PreparedModel:
     prepare_s: float
 
 
+def from_conf(name: str) -> ModelConfig:
+    """`conf/model/<name>.yaml` as `model=<name>` composes it: for tests and benchmarks that build a
+    job's parts by hand, so the default model is declared once."""
+    from omegaconf import OmegaConf
+
+    from qsweep.config import CONF_DIR
+
+    loaded = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
+
+
 def display_name(cfg: ModelConfig) -> str:
     return Path(cfg.path).name if cfg.path else cfg.name
 

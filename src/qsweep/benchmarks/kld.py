@@ -1,6 +1,6 @@
 """Benchmark `kld`: KL divergence of a quantized model's next-token distributions from the
 baseline's, on the same text and positions as `ppl` (llama-perplexity's chunking), through any
-engine: each side returns its top-k log-probs at every scored position.
+engine: each side returns its next-token log-probs at every scored position.
 
 On llama.cpp the whole distribution is kept (float16, as llama-perplexity's --kl-divergence-base
 does) and KL(base || quant) is exact; a test checks it against llama-perplexity within 10%. Other
@@ -46,9 +46,11 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     if not chunks:
         raise QsweepError(f"text '{cfg.text.name}' is shorter than n_ctx={cfg.n_ctx}: use a longer text")
     first = cfg.n_ctx // 2
-    print(f"[qsweep]   top-{cfg.top_k} log-probs over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)
     context = [t for chunk in chunks for t in chunk]  # both sides must have scored the same tokens
-    if hasattr(served, "full_logprobs"):  # llama.cpp in-process: the whole distribution, exact KL
+    exact = hasattr(served, "full_logprobs")  # llama.cpp in-process: the whole distribution, exact KL
+    what = "full" if exact else f"top-{cfg.top_k}"
+    print(f"[qsweep]   {what} log-probs over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)
+    if exact:
         npy = ctx.log_dir / "kld" / "logprobs.npy"
         npy.parent.mkdir(parents=True, exist_ok=True)
         served.full_logprobs(chunks, first, npy, timeout_s=cfg.timeout_s)

@@ -91,37 +91,21 @@ class LlamaCppServed(ServedModel):
 
     def full_logprobs(self, chunks: list[list[int]], first: int, npy: Path, timeout_s: float) -> None:
         """The whole next-token distribution at each position from `first`, as float16 in `npy`."""
-        path = self.ctx.log_dir / "chunks.json"
-        path.write_text(json.dumps({"chunks": chunks}))
-        try:
-            self._score_script(
-                "logprobs", "--chunks", path, "--first", str(first), "--npy", npy, timeout_s=timeout_s
-            )
-        finally:
-            path.unlink(missing_ok=True)
-
-    def top_logprobs(
-        self, chunks: list[list[int]], first: int, k: int, timeout_s: float
-    ) -> list[list[dict[int, float]]]:
-        """The k likeliest next tokens with log-probs at each position from `first` (in-process)."""
-        path = self.ctx.log_dir / "chunks.json"
-        path.write_text(json.dumps({"chunks": chunks}))
-        try:
-            top = self._score_script(
-                "topk", "--chunks", path, "--first", str(first), "--k", str(k), timeout_s=timeout_s
-            )["top"]
-        finally:
-            path.unlink(missing_ok=True)
-        return [[dict(zip(ids, lps, strict=True)) for ids, lps in chunk] for chunk in top]
+        self._score_chunks("logprobs", chunks, first, "--npy", npy, timeout_s=timeout_s)
 
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Log-prob of each chunk[j+1] given chunk[:j+1], for j from `first` to the end."""
+        return self._score_chunks("score", chunks, first, timeout_s=timeout_s)["logprobs"]
+
+    def _score_chunks(
+        self, command: str, chunks: list[list[int]], first: int, *args, timeout_s: float
+    ) -> dict:
         path = self.ctx.log_dir / "chunks.json"
         path.write_text(json.dumps({"chunks": chunks}))
         try:
-            return self._score_script("score", "--chunks", path, "--first", str(first), timeout_s=timeout_s)[
-                "logprobs"
-            ]
+            return self._score_script(
+                command, "--chunks", path, "--first", str(first), *args, timeout_s=timeout_s
+            )
         finally:
             path.unlink(missing_ok=True)
 

@@ -8,8 +8,6 @@ from here. Runs inside the llamacpp stage environment; imports nothing from qswe
          + "hf_compare": how the transformers tokenizer in DIR splits the first N tokens' text
   logprobs --model F.gguf --chunks chunks.json --first K --npy out.npy --out info.json
       -> out.npy: float16 log-probs of the whole vocabulary at each scored position (all chunks)
-  topk --model F.gguf --chunks chunks.json --first K --k N --out top.json
-      -> {"top": [[[ids], [logprobs]] of the N likeliest next tokens at each scored position] per chunk}
   score --model F.gguf --chunks chunks.json --first K --out scores.json
       -> {"logprobs": [[logprob of chunk[j+1] given chunk[:j+1]] for j in K .. len-2] per chunk}
 """
@@ -80,29 +78,32 @@ def compare_with_hf(llm, gguf_tokens: list[int], hf_dir: str) -> dict:
     }
 
 
-def score(args: argparse.Namespace) -> dict:
+def scored_rows(args: argparse.Namespace, what: str):
+    """Per chunk: the chunk and the next-token log-softmax (float64, positions x vocabulary) at each
+    scored position `first` .. len-2, evaluated as llama-perplexity does (one chunk per context)."""
     import numpy as np
 
     with open(args.chunks) as f:
         chunks = json.load(f)["chunks"]
-    n_ctx = max(len(c) for c in chunks)
-    llm = load(args.model, n_ctx, args.threads, logits_all=True)
-    out = []
+    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
     started = time.monotonic()
     for i, chunk in enumerate(chunks):
         llm.reset()
         llm.eval(chunk)
-        logits = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
-        rows = logits[args.first : len(chunk) - 1]
+        rows = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)[args.first : len(chunk) - 1]
         top = rows.max(axis=1, keepdims=True)
-        logz = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+        yield chunk, rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
+        elapsed = time.monotonic() - started
+        print(f"{what} chunk {i + 1}/{len(chunks)} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def score(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    out = []
+    for chunk, logp in scored_rows(args, "scored"):
         targets = np.asarray(chunk[args.first + 1 :])
-        out.append((rows[np.arange(len(targets)), targets] - logz).tolist())
-        print(
-            f"scored chunk {i + 1}/{len(chunks)} ({time.monotonic() - started:.1f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        out.append(logp[np.arange(len(targets)), targets].tolist())
     return {"logprobs": out}
 
 
@@ -111,49 +112,15 @@ def logprobs(args: argparse.Namespace) -> dict:
     llama-perplexity keeps them for --kl-divergence."""
     import numpy as np
 
-    with open(args.chunks) as f:
-        chunks = json.load(f)["chunks"]
-    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
-    rows_out = []
-    for i, chunk in enumerate(chunks):
-        llm.reset()
-        llm.eval(chunk)
-        rows = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)[args.first : len(chunk) - 1]
-        top = rows.max(axis=1, keepdims=True)
-        rows_out.append(
-            (rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))).astype(np.float16)
-        )
-        print(f"log-probs of chunk {i + 1}/{len(chunks)}", file=sys.stderr, flush=True)
-    matrix = np.concatenate(rows_out)
+    matrix = np.concatenate([logp.astype(np.float16) for _, logp in scored_rows(args, "log-probs of")])
     np.save(args.npy, matrix)
     return {"shape": list(matrix.shape)}
 
 
-def topk(args: argparse.Namespace) -> dict:
-    """The k most likely next tokens and their log-probs at every scored position."""
-    import numpy as np
-
-    with open(args.chunks) as f:
-        chunks = json.load(f)["chunks"]
-    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
-    out = []
-    for i, chunk in enumerate(chunks):
-        llm.reset()
-        llm.eval(chunk)
-        rows = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)[args.first : len(chunk) - 1]
-        top = rows.max(axis=1, keepdims=True)
-        logp = rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
-        ids = np.argpartition(-logp, args.k, axis=1)[:, : args.k]
-        out.append([[r.tolist(), logp[j, r].tolist()] for j, r in enumerate(ids)])
-        print(f"top-{args.k} of chunk {i + 1}/{len(chunks)}", file=sys.stderr, flush=True)
-    return {"top": out}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=["tokenize", "score", "topk", "logprobs"])
+    parser.add_argument("command", choices=["tokenize", "score", "logprobs"])
     parser.add_argument("--npy")
-    parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--model", required=True)
     parser.add_argument("--text")
     parser.add_argument("--chunks")
@@ -163,7 +130,7 @@ def main() -> int:
     parser.add_argument("--compare-tokens", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = {"tokenize": tokenize, "score": score, "topk": topk, "logprobs": logprobs}[args.command](args)
+    result = {"tokenize": tokenize, "score": score, "logprobs": logprobs}[args.command](args)
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0
