@@ -57,7 +57,7 @@ def main() -> None:
 
         def load_test(engine_cfg: llamacpp.Config, concurrency: list[int]) -> dict[int, dict]:
             cfg = perf.Config(concurrency=concurrency, requests_per_level=3, input_tokens=32,
-                              output_tokens=OUTPUT_TOKENS, warmup_requests=1)  # fmt: skip
+                              output_tokens=OUTPUT_TOKENS, warmup_requests=1, repeats=3)  # fmt: skip
             with llamacpp.serve(engine_cfg, artifact, ctx) as served:
                 rows = perf.run(cfg, served, ctx).tables["perf_table.json"]
             return {row["concurrency"]: row for row in rows}

@@ -127,6 +127,9 @@ def test_load_test_through_evalscope_with_fair_slots(f16, ctx):
         assert row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 and row["tpot_ms_p99"] >= row["tpot_ms_p50"]
         assert "output_tok_s_std" in row  # two repeats: mean and standard deviation
     assert len(list((ctx.log_dir / "perf").glob("repeat*/parallel_*_number_*"))) >= 4
+    busy = result.metrics["perf_cpu_busy_before"]  # other work sharing the CPUs is measured and said
+    assert 0 <= busy <= 1
+    assert any("busy with other work" in note for note in ctx.notes) == (busy > perf.BUSY_NOTE_ABOVE)
 
 
 def test_accuracy_through_evalscope_offline_with_intervals(f16, ctx):

@@ -407,3 +407,24 @@ def test_exact_kl_divergence_and_top_token_agreement(tmp_path):
                     {"tokens": [1], "logprobs_npy": str(tmp_path / "p.npy")})  # fmt: skip
     assert m["kld_mean"] == pytest.approx(sum(expected) / 2, abs=2e-3) and m["top1_agreement"] == 0.5
     assert kld.compare({"tokens": [2]}, {"tokens": [1]}) == {}  # different tokenization: no number
+
+
+def test_cpu_busy_sees_other_work():
+    """The load test's check for a shared machine: every core spinning reads as (nearly) all busy."""
+    import subprocess
+    import sys
+
+    from qsweep.benchmarks import perf
+
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(0.3)
+        busy = perf.cpu_busy(1.0)
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
+    assert busy is not None and busy > 0.8
+    assert busy > perf.BUSY_NOTE_ABOVE

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,10 @@ SUMMARY = {
     "Avg Input Tokens": "input_tokens_mean",
     "Avg Output Tokens": "output_tokens_mean",
 }
+# Share of all CPUs busy, just before a level runs with the server idle, above which the machine is
+# shared: speed figures then measure the other work too (on 2 cores, beside a quantization job,
+# llama-server took 78 s per 64-token request).
+BUSY_NOTE_ABOVE = 0.25
 # benchmark_percentile.json columns and rows kept
 PERCENTILE_COLUMNS = {"TTFT (ms)": "ttft_ms", "TPOT (ms)": "tpot_ms", "ITL (ms)": "itl_ms"}
 PERCENTILE_ROWS = {"50%": "p50", "90%": "p90", "99%": "p99"}
@@ -64,6 +70,24 @@ def check(cfg: Config) -> None:
         )
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over `seconds` (Linux /proc/stat), or None."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return sum(ticks[:8]), idle  # guest time is already counted in user
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
 def level_metrics(level_dir: Path) -> dict[str, float]:
     """One evalscope level directory (`parallel_P_number_N/`) as qsweep's metrics."""
     summary = json.loads((level_dir / "benchmark_summary.json").read_text())
@@ -93,6 +117,12 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     levels = sorted(set(cfg.concurrency))
     numbers = [cfg.requests_per_level * c for c in levels]
     runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+    busy = cpu_busy()
+    if busy is not None and busy > BUSY_NOTE_ABOVE:
+        ctx.note(
+            f"{busy:.0%} of the CPUs ({os.cpu_count()}) were busy with other work before the load test: "
+            "its speed figures are lower than this machine gives alone; stop other jobs and rerun"
+        )
     for repeat in range(cfg.repeats):
         name = f"repeat{repeat}"
         shutil.rmtree(out / name, ignore_errors=True)  # evalscope refuses to overwrite an earlier run
@@ -142,7 +172,10 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
             if not (level_dir / "benchmark_summary.json").is_file():
                 raise QsweepError(f"evalscope perf wrote no results for concurrency {c}: see logs/perf.log")
             runs[c].append(level_metrics(level_dir))
-    return summarize(runs, cfg, out)
+    result = summarize(runs, cfg, out)
+    if busy is not None:
+        result.metrics["perf_cpu_busy_before"] = busy
+    return result
 
 
 def summarize(runs: dict[int, list[dict[str, float]]], cfg: Config, out: Path) -> BenchmarkResult:
