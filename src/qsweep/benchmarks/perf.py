@@ -70,22 +70,53 @@ def check(cfg: Config) -> None:
         )
 
 
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs' time spent busy over `seconds` (Linux /proc/stat), or None."""
+def _own_ticks() -> int:
+    """CPU ticks used so far by this process and its descendants still running (the server)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the command name (2nd field) may hold spaces: parse after its closing parenthesis
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    ours, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        ours.update(children)
+        frontier.extend(children)
+    ticks = 0
+    for pid in ours:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks
 
-    def sample() -> tuple[int, int]:
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over `seconds` by processes other than this one and
+    its descendants (an engine may still be finishing earlier work: that is not another job),
+    from Linux /proc; None elsewhere."""
+
+    def sample() -> tuple[int, int, int]:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:]]
         idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-        return sum(ticks[:8]), idle  # guest time is already counted in user
+        return sum(ticks[:8]), idle, _own_ticks()  # guest time is already counted in user
 
     try:
-        total0, idle0 = sample()
+        total0, idle0, own0 = sample()
         time.sleep(seconds)
-        total1, idle1 = sample()
+        total1, idle1, own1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    return 1.0 - (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+    if total1 <= total0:
+        return None
+    busy = (total1 - total0) - (idle1 - idle0) - (own1 - own0)
+    return min(1.0, max(0.0, busy / (total1 - total0)))
 
 
 def level_metrics(level_dir: Path) -> dict[str, float]:
