@@ -444,3 +444,15 @@ def test_cpu_busy_sees_other_work_but_not_our_own():
             proc.kill()
             proc.wait()
     assert busy is not None and busy < before + 0.25
+
+
+def test_quantize_progress_reads_llmcompressor_progress_bars(tmp_path):
+    from qsweep.methods.llmcompressor import layer_progress
+
+    log = tmp_path / "quantize.log"
+    assert layer_progress(log) == ""  # no log yet
+    log.write_text("loading\n(1/31): Calibrating:   0%|   | 0/32\r(1/31): Calibrating: 100%|###| 32/32\n")
+    assert layer_progress(log) == "(layer group 1/31, calibrating)"
+    with open(log, "a") as f:
+        f.write("x" * 5000 + "\r(12/31): Propagating:  50%|#  | 16/32")
+    assert layer_progress(log) == "(layer group 12/31, propagating)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -71,6 +72,18 @@ def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | N
     return calibration.calibration_file(cfg.calibration, ctx.artifact_cache)
 
 
+def layer_progress(log: Path) -> str:
+    """How far llm-compressor's sequential pipeline is, from its progress bars in the log."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = re.findall(r"\((\d+)/(\d+)\): (Calibrating|Propagating)", text)
+    return f"(layer group {found[-1][0]}/{found[-1][1]}, {found[-1][2].lower()})" if found else ""
+
+
 def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
     if fmt != "hf":
         raise QsweepError(f"method {cfg.name} makes transformers checkpoints; the engine wants {fmt}")
@@ -121,13 +134,16 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1),
             "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(ctx.artifact_cache.root / "torch-extensions"),
         }
+        environ = env.environ(**extra, TQDM_MININTERVAL="15")
+        environ.pop("TQDM_DISABLE")  # llm-compressor's per-layer progress bars: read for progress below
         procs.run(
             [*env.script(script), tmp / "spec.json"],
             log_path=log,
             timeout_s=cfg.timeout_s,
             what=f"{cfg.backend.value} {cfg.name}",
-            env=env.environ(**extra),
+            env=environ,
             cwd=tmp,  # GPTQModel writes a logs/ folder into its working directory
+            progress=lambda: layer_progress(log),
         )
         summary = json.loads((tmp / "summary.json").read_text())
         (tmp / "build.log").write_text(log.read_text())
