@@ -456,3 +456,15 @@ def test_quantize_progress_reads_llmcompressor_progress_bars(tmp_path):
     with open(log, "a") as f:
         f.write("x" * 5000 + "\r(12/31): Propagating:  50%|#  | 16/32")
     assert layer_progress(log) == "(layer group 12/31, propagating)"
+
+
+def test_load_test_progress_reads_evalscope_progress_bar(tmp_path):
+    from qsweep.benchmarks.perf import level_progress
+
+    log = tmp_path / "perf.log"
+    assert level_progress(log) == ""
+    log.write_text(  # as evalscope 1.14 writes it
+        "Processing[parallel_1_number_2]: 100%|##########| 2/2 [00:10<00:00]\n"
+        "Processing[parallel_4_number_8]:  62%|######3   | 5/8 [01:22<00:41, 13.83s/it]\x1b[A\x1b[A"
+    )
+    assert level_progress(log) == "(concurrency 4: 62% of 8 requests)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,6 +23,18 @@ def tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+
+
+def last_match(log: Path, pattern: str) -> tuple[str, ...] | None:
+    """The groups of `pattern`'s last match in the end of a log (a tool's progress bar), or None."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(pattern, text)
+    return found[-1] if found else None
 
 
 _stop_requested = False

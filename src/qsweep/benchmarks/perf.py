@@ -119,6 +119,12 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return min(1.0, max(0.0, busy / (total1 - total0)))
 
 
+def level_progress(log: Path) -> str:
+    """Which level evalscope is on and how far, from its progress bar in the log."""
+    found = procs.last_match(log, r"Processing\[parallel_(\d+)_number_(\d+)\]:\s*(\d+)%")
+    return f"(concurrency {found[0]}: {found[2]}% of {found[1]} requests)" if found else ""
+
+
 def level_metrics(level_dir: Path) -> dict[str, float]:
     """One evalscope level directory (`parallel_P_number_N/`) as qsweep's metrics."""
     summary = json.loads((level_dir / "benchmark_summary.json").read_text())
@@ -197,6 +203,7 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
             what="evalscope perf",
             env=environ,
             cwd=ctx.log_dir,
+            progress=lambda: level_progress(ctx.log("perf.log")),
         )
         for c, n in zip(levels, numbers, strict=True):
             level_dir = out / name / f"parallel_{c}_number_{n}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -74,14 +73,8 @@ def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | N
 
 def layer_progress(log: Path) -> str:
     """How far llm-compressor's sequential pipeline is, from its progress bars in the log."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = re.findall(r"\((\d+)/(\d+)\): (Calibrating|Propagating)", text)
-    return f"(layer group {found[-1][0]}/{found[-1][1]}, {found[-1][2].lower()})" if found else ""
+    found = procs.last_match(log, r"\((\d+)/(\d+)\): (Calibrating|Propagating)")
+    return f"(layer group {found[0]}/{found[1]}, {found[2].lower()})" if found else ""
 
 
 def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
