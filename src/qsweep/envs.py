@@ -77,8 +77,9 @@ class StageEnv:
                 return candidate
         raise QsweepError(f"'{name}' is missing from stage environment '{self.name}': run ./setup.sh")
 
-    def environ(self, **extra: str) -> dict[str, str]:
-        """os.environ plus this environment's PATH and libraries, quiet progress bars, no telemetry."""
+    def environ(self, progress_bars: bool = False, **extra: str) -> dict[str, str]:
+        """os.environ plus this environment's PATH and libraries, no telemetry, and tqdm's progress
+        bars off unless `progress_bars` (a tool that needs them, or whose log qsweep reads them from)."""
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
@@ -89,7 +90,10 @@ class StageEnv:
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
         env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        env.setdefault("TQDM_DISABLE", "1")
+        if progress_bars:
+            env.pop("TQDM_DISABLE", None)
+        else:
+            env.setdefault("TQDM_DISABLE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(extra)
         return env

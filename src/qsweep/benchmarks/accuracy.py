@@ -86,8 +86,8 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
         extra_env = {"HF_HUB_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if "ifeval" in cfg.datasets:  # IFEval's checker splits sentences with NLTK's Punkt data
         extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
-    environ = env.environ(**extra_env)
-    environ.pop("TQDM_DISABLE", None)  # evalscope's progress logger breaks on a disabled tqdm
+    # evalscope's progress logger breaks on a disabled tqdm
+    environ = env.environ(progress_bars=True, **extra_env)
     print(f"[qsweep]   accuracy: {', '.join(cfg.datasets)} ({cfg.limit or 'all'} samples each)", flush=True)
     cmd = [
         env.root / "bin" / "evalscope", "eval",

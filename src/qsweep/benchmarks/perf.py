@@ -72,28 +72,22 @@ def check(cfg: Config) -> None:
 
 def _own_ticks() -> int:
     """CPU ticks used so far by this process and its descendants still running (the server)."""
-    parents: dict[int, int] = {}
+    parent_and_ticks: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, utime + stime)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 # the command name (2nd field) may hold spaces: parse after its closing parenthesis
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent_and_ticks[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
             except (OSError, ValueError, IndexError):
                 continue
     ours, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        children = [pid for pid, (ppid, _) in parent_and_ticks.items() if ppid == parent and pid not in ours]
         ours.update(children)
         frontier.extend(children)
-    ticks = 0
-    for pid in ours:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        except (OSError, ValueError, IndexError):
-            continue
-    return ticks
+    return sum(parent_and_ticks[pid][1] for pid in ours if pid in parent_and_ticks)
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -149,8 +143,10 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     if tokenizer is None:
         raise QsweepError("benchmark perf needs the model's transformers tokenizer; this artifact has none")
     out = ctx.log_dir / "perf"
-    environ = env.environ(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    environ.pop("TQDM_DISABLE", None)  # evalscope's progress logger breaks on a disabled tqdm
+    # evalscope's progress logger breaks on a disabled tqdm
+    environ = env.environ(
+        progress_bars=True, HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1"
+    )
     levels = sorted(set(cfg.concurrency))
     numbers = [cfg.requests_per_level * c for c in levels]
     runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}

@@ -127,8 +127,8 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1),
             "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(ctx.artifact_cache.root / "torch-extensions"),
         }
-        environ = env.environ(**extra, TQDM_MININTERVAL="15")
-        environ.pop("TQDM_DISABLE")  # llm-compressor's per-layer progress bars: read for progress below
+        # llm-compressor's per-layer progress bars, every 15 s: read for progress below
+        environ = env.environ(progress_bars=True, **extra, TQDM_MININTERVAL="15")
         procs.run(
             [*env.script(script), tmp / "spec.json"],
             log_path=log,
