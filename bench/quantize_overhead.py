@@ -15,9 +15,8 @@ from pathlib import Path
 
 from qsweep.cache import ArtifactCache
 from qsweep.calibration import CalibrationConfig
-from qsweep.config import PathsConfig
 from qsweep.context import JobContext
-from qsweep.envs import StageEnv
+from qsweep.envs import QUANTIZE, default_home
 from qsweep.methods import llmcompressor
 from qsweep.models import from_conf, prepare
 
@@ -45,27 +44,27 @@ model.save_pretrained(out, save_compressed=True)
 
 def main() -> None:
     num_samples, seq_len = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (16, 256)
-    home = Path(PathsConfig().home)
+    home = default_home()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        ctx = JobContext(ArtifactCache(tmp / "cache"), ArtifactCache(home / "cache" / "models"), tmp / "logs")
-        model = prepare(
-            from_conf("smollm2-135m"),
-            ctx.model_cache,
-            ctx.log_dir,
+        ctx = JobContext(
+            ArtifactCache(tmp / "cache"),
+            ArtifactCache(home / "cache" / "models"),
+            tmp / "logs",
+            home / "envs",
         )
+        model = prepare(from_conf("smollm2-135m"), "smollm2-135m", ctx)
         cfg = llmcompressor.Config(
-            name="gptq",
             algorithm=llmcompressor.Algorithm.gptq,
             scheme="W4A16",
             calibration=CalibrationConfig(num_samples=num_samples, seq_len=seq_len),
         )
         calibration, _ = llmcompressor.calibration_file(cfg, ctx)  # same data for both
         started = time.monotonic()
-        artifact = llmcompressor.build(cfg, model, "hf", ctx)
+        artifact = llmcompressor.LlmCompressorMethod().build(cfg, model, "hf", ctx)
         through_qsweep = time.monotonic() - started
         group = artifact.params["method.effective_group_size"]
-        env = StageEnv("quantize")
+        env = ctx.stage_env(QUANTIZE)
         started = time.monotonic()
         subprocess.run(
             [

@@ -21,10 +21,10 @@ from pathlib import Path
 from qsweep import procs
 from qsweep.benchmarks import perf
 from qsweep.cache import ArtifactCache
-from qsweep.config import PathsConfig
 from qsweep.context import JobContext
 from qsweep.engines import llamacpp
-from qsweep.envs import StageEnv
+from qsweep.engines.served import Load
+from qsweep.envs import LLAMACPP, default_home
 from qsweep.methods import gguf
 from qsweep.models import from_conf, prepare
 
@@ -34,20 +34,19 @@ REPEATS = 5  # run to run, c4/c1 moved between 1.45 and 1.65: report the spread
 
 def main() -> None:
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else (os.cpu_count() or 1)
-    home = Path(PathsConfig().home)
-    env = StageEnv("llamacpp")
+    home = default_home()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         ctx = JobContext(
-            ArtifactCache(home / "cache" / "artifacts"), ArtifactCache(home / "cache" / "models"), tmp
-        )
-        model = prepare(
-            from_conf("smollm2-135m"),
-            ctx.model_cache,
+            ArtifactCache(home / "cache" / "artifacts"),
+            ArtifactCache(home / "cache" / "models"),
             tmp,
+            home / "envs",
         )
-        artifact = gguf.build(
-            gguf.Config(name="gguf-q4_k_m", quant_type=gguf.GgufQuantType.Q4_K_M), model, "gguf", ctx
+        env = ctx.stage_env(LLAMACPP)
+        model = prepare(from_conf("smollm2-135m"), "smollm2-135m", ctx)
+        artifact = gguf.GgufMethod().build(
+            gguf.Config(quant_type=gguf.GgufQuantType.Q4_K_M), model, "gguf", ctx
         )
         bench_log = tmp / "llama-bench.log"
         procs.run(
@@ -64,7 +63,7 @@ def main() -> None:
             cfg = perf.Config(concurrency=concurrency, requests_per_level=3, input_tokens=32,
                               output_tokens=OUTPUT_TOKENS, warmup_requests=1, repeats=REPEATS)  # fmt: skip
             with llamacpp.serve(engine_cfg, artifact, ctx) as served:
-                rows = perf.run(cfg, served, ctx).tables["perf_table.json"]
+                rows = perf.LoadTest().run(cfg, served, ctx).tables["perf_table.json"]
                 log = served.log.read_text(errors="replace")
             server_decode = [
                 float(m.group(1))
@@ -76,7 +75,7 @@ def main() -> None:
             return {row["concurrency"]: row for row in rows}, server_decode
 
         base = llamacpp.Config(threads=threads)
-        fair, _ = load_test(llamacpp.fit_to_load(base, 4, 32 + OUTPUT_TOKENS + 16), [1, 4])
+        fair, _ = load_test(llamacpp.LlamaCppEngine().fit(base, Load(4, 32 + OUTPUT_TOKENS + 16)), [1, 4])
         # One slot serves every request alone: the server's own timing of each is a decode at c=1.
         single, single_decode = load_test(base, [1, 4])
 

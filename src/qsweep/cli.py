@@ -1,4 +1,4 @@
-"""`python -m qsweep`: Hydra's command line, preceded by a pre-flight that composes every job of the
+"""`python -m qsweep`: Hydra's command line, preceded by a pre-flight that plans every job of the
 sweep, so a typo in job 5 fails in a second with one line instead of after four finished jobs."""
 
 from __future__ import annotations
@@ -6,31 +6,30 @@ from __future__ import annotations
 import difflib
 import faulthandler
 import itertools
+import logging
 import re
 import signal
 import sys
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from qsweep import compat, config, gates, job, models, procs
-from qsweep.benchmarks import BENCHMARKS
-from qsweep.engines import ENGINES
-from qsweep.envs import REPO_ROOT
+from qsweep import config, job, logs
 from qsweep.errors import QsweepError
-from qsweep.methods import METHODS
-from qsweep.textdata import source_file
+from qsweep.plan import JobPlan, benchmark_order, plan_job
+from qsweep.sweep import SweepFailed
 
-# Named sweep files in sweeps/ become the config group `sweeps`: `python -m qsweep -m +sweeps=gguf-ppl`.
-SEARCH_PATH = f"hydra.searchpath=[file://{REPO_ROOT}]"
+log = logging.getLogger(__name__)
 
 
 def group_options(group: str) -> list[str]:
-    """The YAML options of a config group in conf/ (and sweeps/ for the `sweeps` group)."""
-    folder = REPO_ROOT / "sweeps" if group == "sweeps" else config.CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    """The options of a config group (YAML files in conf/ or sweeps/, and ConfigStore entries),
+    schemas left out; asks Hydra, so call it inside an initialized Hydra context."""
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(o for o in loader.get_group_options(group) if not config.is_schema(o))
 
 
 def _one_line(err: BaseException) -> str:
@@ -76,51 +75,41 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Side-effect-free checks of one composed job: values present, plug-ins known, files there."""
-    try:
-        OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as err:
-        raise QsweepError(f"{err.full_key} has no value: set {err.full_key}=...") from None
-    method = METHODS.get(cfg.method.kind)
-    ENGINES.get(cfg.engine.kind)
-    if hasattr(method, "check"):
-        method.check(OmegaConf.to_object(cfg.method))
-    models.check(OmegaConf.to_object(cfg.model))
-    gates.limits(OmegaConf.to_object(cfg.gates))
-    for name, node in cfg.benchmark.items():
-        if node is not None:
-            benchmark = BENCHMARKS.get(name)
-            if hasattr(benchmark, "check"):
-                benchmark.check(OmegaConf.to_object(node))
-            if "text" in node:
-                source_file(OmegaConf.to_object(node.text))
+def plan_overrides(overrides: list[str]) -> JobPlan:
+    """Compose one job's config as Hydra will and plan it (inside an initialized Hydra context)."""
+    from hydra import compose
+
+    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    return plan_job(cfg, cfg.hydra.runtime.choices, benchmark_order(overrides))
 
 
-def preflight(overrides: list[str], multirun: bool) -> tuple[int, list[str]]:
-    """Compose and validate every job; return how many there are and why some will be skipped."""
-    from hydra import compose, initialize_config_dir
+def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
+    """Compose and plan every job; raise QsweepError with one line on bad input."""
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3", job_name="qsweep"):
         try:
-            jobs = expand_jobs(overrides, multirun)
+            return [plan_overrides(job_overrides) for job_overrides in expand_jobs(overrides, multirun)]
         except (OmegaConfBaseException, hydra.errors.HydraException) as err:
             raise QsweepError(_one_line(err)) from None
-        skipped = []
-        for job_overrides in jobs:
-            try:
-                cfg = compose("config", overrides=job_overrides)
-                validate(cfg)
-                reason = compat.skip_reason(cfg)
-                if reason:
-                    skipped.append(f"{cfg.method.name} x {cfg.engine.name}: {reason}")
-            except (OmegaConfBaseException, hydra.errors.HydraException) as err:
-                raise QsweepError(_one_line(err)) from None
-    return len(jobs), skipped
+        except AssertionError:  # OmegaConf, setting a key under a benchmark that is not selected (None)
+            raise QsweepError(_unselected(overrides)) from None
+
+
+def _unselected(overrides: list[str]) -> str:
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "benchmark" and len(parts) > 2:
+            return (
+                f"{key} is set, but benchmark {parts[1]} may not be selected: "
+                f"add it to benchmark=[...] or drop the setting"
+            )
+    return f"cannot apply the overrides {' '.join(overrides)}: a key sits under a setting that is null"
 
 
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> str:
+def hydra_main(cfg: DictConfig) -> job.JobOutcome:
     return job.run_job(cfg)
 
 
@@ -128,28 +117,38 @@ def main() -> None:
     """Entry point: pre-flight, then Hydra; exit 2 on bad input, 1 if any job failed."""
     from hydra._internal.utils import get_args_parser
 
-    config.register()
-    # Ctrl-C and SIGTERM both unwind through `finally` blocks, which stop servers and mark runs KILLED.
-    signal.signal(signal.SIGTERM, procs.request_stop)
-    signal.signal(signal.SIGINT, procs.request_stop)
+    logs.console()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where it is
-    sys.argv.append(SEARCH_PATH)
+    try:
+        config.register()
+    except QsweepError as err:  # a third-party plug-in that does not load
+        print(f"qsweep: {err}", file=sys.stderr)
+        sys.exit(2)
     args, _ = get_args_parser().parse_known_args(sys.argv[1:])
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if not informational:
         try:
-            count, skipped = preflight(args.overrides, args.multirun)
+            plans = preflight(args.overrides, args.multirun)
         except QsweepError as err:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
-        print(f"[qsweep] {count} job(s) composed and checked", flush=True)
-        for line in skipped:
-            print(f"[qsweep]   will skip {line}", flush=True)
+        log.info("%d job(s) composed and checked", len(plans))
+        for plan in plans:
+            if plan.skip_reason:
+                log.info(
+                    "  will skip %s x %s: %s",
+                    plan.choices["method"],
+                    plan.choices["engine"],
+                    plan.skip_reason,
+                )
+                continue
+            for name, why in plan.skipped_benchmarks.items():
+                log.info("  will skip benchmark %s in %s: %s", name, plan.name, why)
     try:
         hydra_main()
+    except SweepFailed as failed:
+        print(f"qsweep: {failed}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("qsweep: interrupted; servers stopped, runs marked KILLED", file=sys.stderr)
         sys.exit(130)
-    if job.FAILED_JOBS:
-        print(f"qsweep: {len(job.FAILED_JOBS)} job(s) failed: {', '.join(job.FAILED_JOBS)}", file=sys.stderr)
-        sys.exit(1)

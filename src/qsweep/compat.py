@@ -1,18 +1,17 @@
 """Which method runs on which engine and device, declared in one place.
 
 A method makes artifacts of some formats (GGUF files, transformers checkpoints); an engine serves
-some formats. A pair with no common format, or listed in UNSERVABLE after trying it, is skipped
-with its reason: recorded in MLflow and the sweep summary, not an error.
+some formats (`Method.formats`, `Engine.formats`). A pair with no common format, or listed in
+UNSERVABLE after trying it, is skipped with its reason: recorded in MLflow and the sweep summary,
+not an error. Both tables are keyed by (method option, engine, device) and hold measured facts.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from qsweep.engines.base import Engine
+from qsweep.methods.base import Method
 
-from qsweep.engines import ENGINES
-from qsweep.methods import METHODS
-
-# (method name, engine kind, device) -> why it cannot run. Found by trying, not guessed.
+# (method option, engine, device) -> why it cannot run. Found by trying, not guessed.
 UNSERVABLE: dict[tuple[str, str, str], str] = {}
 
 # Pairs that run but whose figures need a warning, noted on the run (tag `qsweep.notes`). Measured.
@@ -24,29 +23,24 @@ CAVEATS: dict[tuple[str, str, str], str] = {
 }
 
 
-def serving_format(cfg: DictConfig) -> str | None:
-    """The artifact format this job's method makes for its engine, or None if they share none."""
-    method, engine = METHODS.get(cfg.method.kind), ENGINES.get(cfg.engine.kind)
-    return next((fmt for fmt in engine.FORMATS if fmt in method.FORMATS), None)
+def serving_format(method: Method, engine: Engine) -> str | None:
+    """The artifact format the method makes for the engine, or None if they share none."""
+    return next((fmt for fmt in engine.formats if fmt in method.formats), None)
 
 
-def _device(cfg: DictConfig) -> str:
-    engine = ENGINES.get(cfg.engine.kind)
-    return engine.device(cfg.engine) if hasattr(engine, "device") else "cpu"
-
-
-def caveat(cfg: DictConfig) -> str | None:
+def caveat(method_option: str, engine: Engine, device: str) -> str | None:
     """What to keep in mind about this pair's figures on this device, or None."""
-    return CAVEATS.get((cfg.method.name, cfg.engine.kind, _device(cfg)))
+    return CAVEATS.get((method_option, engine.name, device))
 
 
-def skip_reason(cfg: DictConfig) -> str | None:
+def skip_reason(
+    method_option: str, method: Method, engine_option: str, engine: Engine, device: str
+) -> str | None:
     """Why this method x engine pair cannot run here, or None."""
-    method, engine = METHODS.get(cfg.method.kind), ENGINES.get(cfg.engine.kind)
-    if serving_format(cfg) is None:
-        notes = [getattr(engine, "NOT_SERVED", {}).get(fmt) for fmt in method.FORMATS]
+    if serving_format(method, engine) is None:
+        notes = [engine.not_served.get(fmt) for fmt in method.formats]
         return (
-            f"{cfg.engine.name} serves {'/'.join(engine.FORMATS)} artifacts; "
-            f"method {cfg.method.name} makes {'/'.join(method.FORMATS)}"
+            f"{engine_option} serves {'/'.join(engine.formats)} artifacts; "
+            f"method {method_option} makes {'/'.join(method.formats)}"
         ) + "".join(f": {note}" for note in notes if note)
-    return UNSERVABLE.get((cfg.method.name, cfg.engine.kind, _device(cfg)))
+    return UNSERVABLE.get((method_option, engine.name, device))

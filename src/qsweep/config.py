@@ -1,31 +1,36 @@
 """Typed config schemas, registered in Hydra's ConfigStore so a wrong key or type fails at compose time.
 
-Users write YAML under conf/; each YAML file names its schema in its defaults list
-(`- gguf_schema`), Hydra's "schema in the same config group" pattern.
+Users write YAML under conf/; each YAML option names its plug-in's schema in its defaults list
+(`- gguf_schema`), Hydra's "schema in the same config group" pattern. The schemas come from the
+plug-in registrations (`plugins.py`): `<group>/<name>_schema` for every method, engine and
+benchmark, and one optional field per benchmark in the `benchmark` container.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qsweep.benchmarks import accuracy, kld, perf, ppl
+from qsweep import plugins
+from qsweep.benchmarks.base import BENCHMARKS
 from qsweep.calibration import CalibrationConfig
-from qsweep.engines import llamacpp, vllm
-from qsweep.envs import REPO_ROOT, default_home
+from qsweep.envs import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT
 from qsweep.gates import GatesConfig
-from qsweep.methods import baseline, gguf, llmcompressor
 from qsweep.models import ModelConfig
 
 CONF_DIR = REPO_ROOT / "conf"
+SWEEPS_DIR = REPO_ROOT / "sweeps"  # the config group `sweeps` (+sweeps=NAME), added by hydra_plugins/
 
 
 @dataclass
 class PathsConfig:
-    home: str = str(default_home())
+    # $QSWEEP_HOME when set, read at compose time; every other path follows `paths.home`.
+    home: str = f"${{oc.env:{HOME_ENV_VAR},'{DEFAULT_HOME}'}}"
+    envs: str = "${paths.home}/envs"  # the stage environments ./setup.sh built
     model_cache: str = "${paths.home}/cache/models"
     artifact_cache: str = "${paths.home}/cache/artifacts"
     outputs: str = "${paths.home}/outputs"
@@ -39,21 +44,11 @@ class TrackingConfig:
 
 
 @dataclass
-class BenchmarksConfig:
-    """One optional entry per benchmark; `benchmark=[ppl]` selects which run."""
-
-    ppl: ppl.Config | None = None
-    perf: perf.Config | None = None
-    accuracy: accuracy.Config | None = None
-    kld: kld.Config | None = None
-
-
-@dataclass
 class QsweepConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING  # a method schema, chosen by the method's YAML
     engine: Any = MISSING  # an engine schema, chosen by the engine's YAML
-    benchmark: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    benchmark: Any = MISSING  # the container made by `root_schema`: one optional field per benchmark
     # Calibration data shared by every calibrated method of a sweep (methods point at it with
     # ${calibration}), so `calibration.num_samples=8` applies across a sweep of mixed methods.
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -62,25 +57,30 @@ class QsweepConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-SCHEMAS = {
-    # (group, name): (schema, package)
-    ("method", "baseline_schema"): (baseline.Config, None),
-    ("method", "gguf_schema"): (gguf.Config, None),
-    ("method", "llmcompressor_schema"): (llmcompressor.Config, None),
-    ("engine", "llamacpp_schema"): (llamacpp.Config, None),
-    ("engine", "vllm_schema"): (vllm.Config, None),
-    ("benchmark", "ppl_schema"): (ppl.Config, "benchmark.ppl"),
-    ("benchmark", "perf_schema"): (perf.Config, "benchmark.perf"),
-    ("benchmark", "accuracy_schema"): (accuracy.Config, "benchmark.accuracy"),
-    ("benchmark", "kld_schema"): (kld.Config, "benchmark.kld"),
-}
+def root_schema() -> type:
+    """QsweepConfig with its `benchmark` container: one optional field per registered benchmark,
+    so `benchmark=[ppl]` selects which run and `benchmark.pplx.n_ctx=1` fails at compose time."""
+    container = dataclasses.make_dataclass(
+        "BenchmarksConfig",
+        [(name, Optional[bench.Config], None) for name, bench in BENCHMARKS.items()],  # noqa: UP045
+    )
+    return dataclasses.make_dataclass(
+        "QsweepConfig", [("benchmark", container, field(default_factory=container))], bases=(QsweepConfig,)
+    )
 
 
 def register() -> None:
+    """Store the root schema and every plug-in's schema in Hydra's ConfigStore."""
     store = ConfigStore.instance()
-    store.store(name="qsweep_schema", node=QsweepConfig)
-    for (group, name), (node, package) in SCHEMAS.items():
-        store.store(group=group, name=name, node=node, package=package)
+    store.store(name="qsweep_schema", node=root_schema())
+    for registry in plugins.registries():
+        for name, plugin in registry.items():
+            package = f"{registry.group}.{name}" if registry is BENCHMARKS else None
+            store.store(group=registry.group, name=schema_option(name), node=plugin.Config, package=package)
+
+
+def schema_option(name: str) -> str:
+    return f"{name}_schema"
 
 
 def is_schema(option: str) -> bool:

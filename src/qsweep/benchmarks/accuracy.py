@@ -10,17 +10,19 @@ the per-sample scores are kept so a quantized job's delta against the baseline i
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from qsweep import evaldata, procs, stats
+from qsweep import envs, evaldata, procs, stats
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
-from qsweep.envs import StageEnv
+from qsweep.engines.served import ChatEndpoint, Load, ServedModel
 from qsweep.errors import QsweepError
 
-ENV = "evalscope"
+log = logging.getLogger(__name__)
 # The metric a dataset's delta, recovery and gate use (evalscope's primary metric); else "accuracy".
 PRIMARY = {"ifeval": "prompt_level_strict"}
 
@@ -45,6 +47,33 @@ class Config:
     concurrency: int = 1  # requests in flight (evalscope's eval_batch_size)
     source: DataSource = DataSource.wheels
     timeout_s: int = 7200
+
+
+# Room for a prompt in a served request (chat template, question, choices): the engine's context
+# per request is this plus max_tokens.
+PROMPT_TOKENS = 1024
+
+
+@BENCHMARKS.register("accuracy")
+class Accuracy(Benchmark):
+    """Task accuracy with evalscope eval; per-sample scores for paired deltas against the baseline."""
+
+    Config = Config
+    env = envs.EVALSCOPE
+    requires = (ChatEndpoint,)
+
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def load(self, cfg: Config) -> Load:
+        return Load(concurrency=cfg.concurrency, tokens_per_request=PROMPT_TOKENS + cfg.max_tokens)
+
+    def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        check(cfg)
+        return run(cfg, served, ctx)
+
+    def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
+        return compare(samples, baseline)
 
 
 def check(cfg: Config) -> None:
@@ -72,9 +101,9 @@ def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
     return scores
 
 
-def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
-    check(cfg)
-    env = StageEnv(ENV)
+def run(cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+    """evalscope eval against the served endpoint, then per-sample scores and intervals."""
+    env = ctx.stage_env(envs.EVALSCOPE)
     env.require()
     out = ctx.log_dir / "accuracy"
     model = served.model_name or "qsweep"
@@ -88,11 +117,11 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
         extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
     # evalscope's progress logger breaks on a disabled tqdm
     environ = env.environ(progress_bars=True, **extra_env)
-    print(f"[qsweep]   accuracy: {', '.join(cfg.datasets)} ({cfg.limit or 'all'} samples each)", flush=True)
+    log.info("  accuracy: %s (%s samples each)", ", ".join(cfg.datasets), cfg.limit or "all")
     cmd = [
         env.root / "bin" / "evalscope", "eval",
         "--model", model,
-        "--api-url", f"{served.url}/v1",
+        "--api-url", served.api_base(),
         "--api-key", "EMPTY",  # local servers take any key; never a real one in logs or MLflow
         "--eval-type", "openai_api",
         "--datasets", *cfg.datasets,

@@ -14,14 +14,19 @@ likely token agrees.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from qsweep import stats
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.benchmarks.ppl import make_chunks
 from qsweep.context import BenchmarkResult, JobContext
+from qsweep.engines.served import FullDistribution, Load, ServedModel, Tokenizes, TopKDistribution
 from qsweep.errors import QsweepError
-from qsweep.textdata import TextConfig, materialize
+from qsweep.textdata import TextConfig, materialize, source_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,34 +38,74 @@ class Config:
     timeout_s: int = 3600
 
 
-def check(cfg: Config) -> None:
-    if cfg.n_ctx < 4 or cfg.n_ctx % 2 or cfg.top_k < 1 or cfg.max_tokens < cfg.n_ctx:
-        raise QsweepError("benchmark.kld needs an even n_ctx >= 4, max_tokens >= n_ctx and top_k >= 1")
+@BENCHMARKS.register("kld")
+class KlDivergence(Benchmark):
+    """KL divergence of next-token distributions from the baseline's, on the ppl text and positions."""
 
+    Config = Config
+    requires = (Tokenizes,)
+    requires_any = (FullDistribution, TopKDistribution)
 
-def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
-    check(cfg)
-    text, _ = materialize(cfg.text, ctx.artifact_cache)
-    tokenized = served.tokenize(text, timeout_s=cfg.timeout_s)
-    chunks = make_chunks(tokenized.tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
-    if not chunks:
-        raise QsweepError(f"text '{cfg.text.name}' is shorter than n_ctx={cfg.n_ctx}: use a longer text")
-    first = cfg.n_ctx // 2
-    context = [t for chunk in chunks for t in chunk]  # both sides must have scored the same tokens
-    exact = hasattr(served, "full_logprobs")  # llama.cpp in-process: the whole distribution, exact KL
-    what = "full" if exact else f"top-{cfg.top_k}"
-    print(f"[qsweep]   {what} log-probs over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)
-    if exact:
-        npy = ctx.log_dir / "kld" / "logprobs.npy"
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        served.full_logprobs(chunks, first, npy, timeout_s=cfg.timeout_s)
-        samples = {"tokens": context, "logprobs_npy": str(npy)}
-    else:
-        top = served.top_logprobs(chunks, first, cfg.top_k, timeout_s=cfg.timeout_s)
-        positions = [[[int(t) for t in d], [float(v) for v in d.values()]] for chunk in top for d in chunk]
-        samples = {"tokens": context, "top": positions}
-    # Only the comparison with the baseline gives numbers (the baseline's own kld is 0 by definition).
-    return BenchmarkResult({"kld_chunks": len(chunks)}, samples=samples)
+    def check(self, cfg: Config) -> None:
+        if cfg.n_ctx < 4 or cfg.n_ctx % 2 or cfg.top_k < 1 or cfg.max_tokens < cfg.n_ctx:
+            raise QsweepError("benchmark.kld needs an even n_ctx >= 4, max_tokens >= n_ctx and top_k >= 1")
+        source_file(cfg.text)
+
+    def load(self, cfg: Config) -> Load:
+        return Load(scored_tokens=cfg.n_ctx, top_logprobs=cfg.top_k)
+
+    def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        self.check(cfg)
+        text, _ = materialize(cfg.text, ctx.artifact_cache)
+        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s)
+        chunks = make_chunks(tokenized.tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
+        if not chunks:
+            raise QsweepError(f"text '{cfg.text.name}' is shorter than n_ctx={cfg.n_ctx}: use a longer text")
+        first = cfg.n_ctx // 2
+        context = [t for chunk in chunks for t in chunk]  # both sides must have scored the same tokens
+        exact = isinstance(served, FullDistribution)  # the whole distribution: exact KL
+        what = "full" if exact else f"top-{cfg.top_k}"
+        log.info("  %s log-probs over %d chunks of %d tokens", what, len(chunks), cfg.n_ctx)
+        if exact:
+            npy = ctx.log_dir / "kld" / "logprobs.npy"
+            npy.parent.mkdir(parents=True, exist_ok=True)
+            served.full_logprobs(chunks, first, npy, timeout_s=cfg.timeout_s)
+            samples = {"tokens": context, "logprobs_npy": str(npy)}
+        else:
+            top = served.top_logprobs(chunks, first, cfg.top_k, timeout_s=cfg.timeout_s)
+            positions = [
+                [[int(t) for t in d], [float(v) for v in d.values()]] for chunk in top for d in chunk
+            ]
+            samples = {"tokens": context, "top": positions}
+        # Only the comparison with the baseline gives numbers (the baseline's own kld is 0 by definition).
+        return BenchmarkResult({"kld_chunks": len(chunks)}, samples=samples)
+
+    def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
+        if samples["tokens"] != baseline["tokens"]:
+            log.warning(
+                "  kld: this model's tokenizer split the text differently from the baseline's; "
+                "no KL divergence (compare runs of one engine family)"
+            )
+            return {}
+        if "logprobs_npy" in samples and "logprobs_npy" in baseline:
+            klds, agree = exact_kld(baseline["logprobs_npy"], samples["logprobs_npy"])
+        elif "top" in samples and "top" in baseline:
+            klds, agree = [], []
+            for (b_ids, b_lps), (q_ids, q_lps) in zip(baseline["top"], samples["top"], strict=True):
+                quant = dict(zip(q_ids, q_lps, strict=True))
+                klds.append(position_kld((b_ids, b_lps), quant))
+                agree.append(float(b_ids[b_lps.index(max(b_lps))] == max(quant, key=quant.get)))
+        else:
+            return {}
+        kld, top1 = stats.estimate(klds), stats.estimate(agree)
+        return {
+            "kld_mean": kld.mean,
+            "kld_mean_stderr": kld.stderr,
+            "kld_median": stats.percentile(klds, 50),
+            "kld_p99": stats.percentile(klds, 99),
+            "top1_agreement": top1.mean,
+            "top1_agreement_stderr": top1.stderr,
+        }
 
 
 def position_kld(base: tuple[list[int], list[float]], quant: dict[int, float]) -> float:
@@ -88,32 +133,3 @@ def exact_kld(base_npy: str, quant_npy: str) -> tuple[list[float], list[float]]:
     kl = (np.exp(base) * (base - quant)).sum(axis=1)
     agree = base.argmax(axis=1) == quant.argmax(axis=1)
     return np.maximum(kl, 0.0).tolist(), agree.astype(float).tolist()
-
-
-def compare(samples: dict, baseline: dict) -> dict[str, float]:
-    if samples["tokens"] != baseline["tokens"]:
-        print(
-            "[qsweep]   kld: this model's tokenizer split the text differently from the baseline's; "
-            "no KL divergence (compare runs of one engine family)",
-            flush=True,
-        )
-        return {}
-    if "logprobs_npy" in samples and "logprobs_npy" in baseline:
-        klds, agree = exact_kld(baseline["logprobs_npy"], samples["logprobs_npy"])
-    elif "top" in samples and "top" in baseline:
-        klds, agree = [], []
-        for (b_ids, b_lps), (q_ids, q_lps) in zip(baseline["top"], samples["top"], strict=True):
-            quant = dict(zip(q_ids, q_lps, strict=True))
-            klds.append(position_kld((b_ids, b_lps), quant))
-            agree.append(float(b_ids[b_lps.index(max(b_lps))] == max(quant, key=quant.get)))
-    else:
-        return {}
-    kld, top1 = stats.estimate(klds), stats.estimate(agree)
-    return {
-        "kld_mean": kld.mean,
-        "kld_mean_stderr": kld.stderr,
-        "kld_median": stats.percentile(klds, 50),
-        "kld_p99": stats.percentile(klds, 99),
-        "top1_agreement": top1.mean,
-        "top1_agreement_stderr": top1.stderr,
-    }

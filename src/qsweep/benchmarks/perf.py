@@ -10,6 +10,7 @@ step=concurrency so the MLflow UI draws curves.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -17,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsweep import procs, stats
+from qsweep import envs, procs, stats
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
-from qsweep.envs import StageEnv
+from qsweep.engines.served import ChatEndpoint, Load, ServedModel
 from qsweep.errors import QsweepError
 
-ENV = "evalscope"
+log = logging.getLogger(__name__)
+
 # evalscope's benchmark_summary.json keys -> qsweep metric names (per concurrency level)
 SUMMARY = {
     "Output Throughput (tok/s)": "output_tok_s",
@@ -54,20 +57,6 @@ class Config:
     repeats: int = 1  # each level run this many times: mean and standard deviation
     stream: bool = True  # TTFT / ITL need streaming
     timeout_s: int = 3600
-
-
-def tokens_per_request(cfg: Config) -> int:
-    """Context one request needs (the fair serving presets size the server's context from it)."""
-    return cfg.input_tokens + cfg.output_tokens + 16
-
-
-def check(cfg: Config) -> None:
-    if not cfg.concurrency or min(cfg.concurrency) < 1:
-        raise QsweepError("benchmark.perf.concurrency needs positive levels, e.g. [1,4]")
-    if cfg.input_tokens < 1 or cfg.output_tokens < 1 or cfg.requests_per_level < 1 or cfg.repeats < 1:
-        raise QsweepError(
-            "benchmark.perf needs input_tokens, output_tokens, requests_per_level, repeats >= 1"
-        )
 
 
 def _own_ticks() -> int:
@@ -135,9 +124,36 @@ def level_metrics(level_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
-    check(cfg)
-    env = StageEnv(ENV)
+@BENCHMARKS.register("perf")
+class LoadTest(Benchmark):
+    """A concurrency load test with evalscope perf: throughput, TTFT / TPOT / ITL by concurrency."""
+
+    Config = Config
+    env = envs.EVALSCOPE
+    requires = (ChatEndpoint,)
+
+    def check(self, cfg: Config) -> None:
+        if not cfg.concurrency or min(cfg.concurrency) < 1:
+            raise QsweepError("benchmark.perf.concurrency needs positive levels, e.g. [1,4]")
+        if cfg.input_tokens < 1 or cfg.output_tokens < 1 or cfg.requests_per_level < 1 or cfg.repeats < 1:
+            raise QsweepError(
+                "benchmark.perf needs input_tokens, output_tokens, requests_per_level, repeats >= 1"
+            )
+
+    def load(self, cfg: Config) -> Load:
+        # A request's prompt and output, plus room for the chat template's few tokens.
+        return Load(
+            concurrency=max(cfg.concurrency), tokens_per_request=cfg.input_tokens + cfg.output_tokens + 16
+        )
+
+    def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        self.check(cfg)
+        return run(cfg, served, ctx)
+
+
+def run(cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+    """Every level of the load test, `repeats` times, through evalscope perf."""
+    env = ctx.stage_env(envs.EVALSCOPE)
     env.require()
     tokenizer = served.artifact.tokenizer_dir
     if tokenizer is None:
@@ -159,15 +175,14 @@ def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
     for repeat in range(cfg.repeats):
         name = f"repeat{repeat}"
         shutil.rmtree(out / name, ignore_errors=True)  # evalscope refuses to overwrite an earlier run
-        print(
-            f"[qsweep]   perf {repeat + 1}/{cfg.repeats}: concurrency {levels}, requests {numbers}, "
-            f"{cfg.input_tokens} in / {cfg.output_tokens} out",
-            flush=True,
-        )
+        log.info(
+            "  perf %d/%d: concurrency %s, requests %s, %d in / %d out",
+            repeat + 1, cfg.repeats, levels, numbers, cfg.input_tokens, cfg.output_tokens,
+        )  # fmt: skip
         cmd = [
             env.root / "bin" / "evalscope",
             "perf",
-            "--url", f"{served.url}/v1/completions",
+            "--url", f"{served.api_base()}/completions",
             "--api", "openai",
             "--model", served.model_name or "qsweep",
             "--tokenizer-path", tokenizer,

@@ -8,13 +8,18 @@ supplies tokenization and per-token log-probs; this module does the rest.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from qsweep import stats
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
+from qsweep.engines.served import Load, ScoresPrompt, Tokenizes
 from qsweep.errors import QsweepError
-from qsweep.textdata import TextConfig, materialize
+from qsweep.textdata import TextConfig, materialize, source_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,48 +52,62 @@ def perplexity(logprobs: list[float]) -> tuple[float, float]:
     return ppl, (math.sqrt(variance / (count - 1)) * ppl if variance > 0 else 0.0)
 
 
-def run(cfg: Config, served, ctx: JobContext) -> BenchmarkResult:
-    if cfg.n_ctx < 4 or cfg.n_ctx % 2:
-        raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
-    text, _ = materialize(cfg.text, ctx.artifact_cache)
-    budget = cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
-    tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget)
-    tokens = tokenized.tokens
-    chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
-    if not chunks:
-        raise QsweepError(
-            f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: "
-            "use a longer text or a smaller n_ctx"
-        )
-    first = cfg.n_ctx // 2
-    print(f"[qsweep]   perplexity over {len(chunks)} chunks of {cfg.n_ctx} tokens", flush=True)
-    scored = served.score(chunks, first, timeout_s=cfg.timeout_s)
-    flat = [lp for chunk in scored for lp in chunk]
-    ppl, err = perplexity(flat)
-    metrics = {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}
-    if tokenized.hf_compare is not None:
-        metrics["ppl_tokenizer_differing_spans"] = report_split(tokenized.hf_compare, ctx)
-    scored_tokens = [t for chunk in chunks for t in chunk[first + 1 :]]
-    return BenchmarkResult(metrics, samples={"logprobs": flat, "tokens": scored_tokens, "ppl": ppl})
+@BENCHMARKS.register("ppl")
+class Perplexity(Benchmark):
+    """Perplexity of the served model on a text, llama-perplexity's protocol; paired ratio to the baseline."""
 
+    Config = Config
+    requires = (Tokenizes, ScoresPrompt)
 
-def compare(samples: dict, baseline: dict) -> dict[str, float]:
-    """This model's perplexity against the baseline's on the same text. Where both scored the same
-    tokens (same tokenizer) the comparison is paired per token: the mean of the per-token NLL
-    differences is ln(PPL / PPL_base), with a standard error far smaller than either PPL's own."""
-    ratio = samples["ppl"] / baseline["ppl"]
-    metrics = {"ppl_base": baseline["ppl"], "ppl_ratio": ratio}
-    if samples["tokens"] == baseline["tokens"]:
-        diff = stats.estimate([b - q for q, b in zip(samples["logprobs"], baseline["logprobs"], strict=True)])
-        low, high = diff.ci95
-        metrics.update(
-            ppl_ln_ratio=diff.mean,
-            ppl_ln_ratio_err=diff.stderr,
-            ppl_ratio_ci_low=math.exp(low),
-            ppl_ratio_ci_high=math.exp(high),
-            ppl_within_noise=float(low <= 0.0 <= high),
-        )
-    return metrics
+    def check(self, cfg: Config) -> None:
+        if cfg.n_ctx < 4 or cfg.n_ctx % 2:
+            raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
+        source_file(cfg.text)
+
+    def load(self, cfg: Config) -> Load:
+        return Load(scored_tokens=cfg.n_ctx)
+
+    def run(self, cfg: Config, served: Tokenizes | ScoresPrompt, ctx: JobContext) -> BenchmarkResult:
+        self.check(cfg)
+        text, _ = materialize(cfg.text, ctx.artifact_cache)
+        budget = cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
+        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget)
+        tokens = tokenized.tokens
+        chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
+        if not chunks:
+            raise QsweepError(
+                f"text '{cfg.text.name}' has {len(tokens)} tokens, fewer than n_ctx={cfg.n_ctx}: "
+                "use a longer text or a smaller n_ctx"
+            )
+        first = cfg.n_ctx // 2
+        log.info("  perplexity over %d chunks of %d tokens", len(chunks), cfg.n_ctx)
+        scored = served.score(chunks, first, timeout_s=cfg.timeout_s)
+        flat = [lp for chunk in scored for lp in chunk]
+        ppl, err = perplexity(flat)
+        metrics = {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}
+        if tokenized.hf_compare is not None:
+            metrics["ppl_tokenizer_differing_spans"] = report_split(tokenized.hf_compare, ctx)
+        scored_tokens = [t for chunk in chunks for t in chunk[first + 1 :]]
+        return BenchmarkResult(metrics, samples={"logprobs": flat, "tokens": scored_tokens, "ppl": ppl})
+
+    def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
+        """This model's perplexity against the baseline's on the same text. Where both scored the
+        same tokens (same tokenizer) the comparison is paired per token: the mean of the per-token
+        NLL differences is ln(PPL / PPL_base), with a standard error far smaller than either PPL's own."""
+        ratio = samples["ppl"] / baseline["ppl"]
+        metrics = {"ppl_base": baseline["ppl"], "ppl_ratio": ratio}
+        if samples["tokens"] == baseline["tokens"]:
+            diffs = [b - q for q, b in zip(samples["logprobs"], baseline["logprobs"], strict=True)]
+            diff = stats.estimate(diffs)
+            low, high = diff.ci95
+            metrics.update(
+                ppl_ln_ratio=diff.mean,
+                ppl_ln_ratio_err=diff.stderr,
+                ppl_ratio_ci_low=math.exp(low),
+                ppl_ratio_ci_high=math.exp(high),
+                ppl_within_noise=float(low <= 0.0 <= high),
+            )
+        return metrics
 
 
 def report_split(compare: dict, ctx: JobContext) -> int:

@@ -9,50 +9,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from qsweep import procs
+from qsweep import envs, procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.served import ServedModel, Tokenized
-from qsweep.envs import StageEnv
+from qsweep.engines.base import ENGINES, Engine, EngineConfig, neutral
+from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 
-ENV = "llamacpp"
-FORMATS = ("gguf",)
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config:
-    name: str = "llamacpp"
-    kind: str = "llamacpp"
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: a free port
-    ctx_size: int = 2048  # total KV context, shared by the slots
-    parallel: int = 1  # slots (-np): requests served at once
+class Config(EngineConfig):
+    ctx_size: int = neutral(2048)  # total KV context, shared by the slots
+    parallel: int = neutral(1)  # slots (-np): requests served at once
     threads: int | None = None  # default: llama.cpp's choice (all cores)
     n_gpu_layers: int | None = None  # -ngl; default: llama.cpp's choice
-    extra_args: list[str] = field(default_factory=list)
-    startup_timeout_s: int = 300
-    request_timeout_s: int = 300
-    smoke_prompt: str = "The capital of France is"
-    smoke_max_tokens: int = 16
-    fit_to_load: bool = True  # raise parallel / ctx_size to what a load test needs
-
-
-def fit_to_load(cfg: Config, concurrency: int, tokens_per_request: int) -> Config:
-    """Fair serving preset: one slot per concurrent request, each with room for a whole request.
-    llama-server splits ctx_size across its slots; with the default single slot it serves requests
-    one at a time (the seed's flat ~205 tok/s from 1 to 100 users)."""
-    if not cfg.fit_to_load:
-        return cfg
-    parallel = max(cfg.parallel, concurrency)
-    return dataclasses.replace(
-        cfg, parallel=parallel, ctx_size=max(cfg.ctx_size, parallel * tokens_per_request)
-    )
 
 
 class LlamaCppServed(ServedModel):
@@ -60,10 +38,11 @@ class LlamaCppServed(ServedModel):
 
     def _score_script(self, *args: str | Path, timeout_s: float) -> dict:
         out = self.ctx.log_dir / f"score-{time.monotonic_ns()}.json"
+        env = self.ctx.stage_env(envs.LLAMACPP)
         try:
             procs.run(
                 [
-                    *StageEnv(ENV).script("llamacpp_score.py"),
+                    *env.script("llamacpp_score.py"),
                     *args,
                     "--model",
                     self.artifact.path,
@@ -74,7 +53,7 @@ class LlamaCppServed(ServedModel):
                 log_path=self.ctx.log("scoring.log"),
                 timeout_s=timeout_s,
                 what="llama.cpp scoring",
-                env=StageEnv(ENV).environ(),
+                env=env.environ(),
             )
             return json.loads(out.read_text())
         finally:
@@ -110,15 +89,40 @@ class LlamaCppServed(ServedModel):
             path.unlink(missing_ok=True)
 
 
+@ENGINES.register("llamacpp")
+class LlamaCppEngine(Engine):
+    """llama-server for GGUF files; prompt scoring in-process on the same file."""
+
+    Config = Config
+    formats = ("gguf",)
+    env = envs.LLAMACPP
+    served_type = LlamaCppServed
+
+    def fit(self, cfg: Config, load: Load) -> Config:
+        """Fair serving preset: one slot per concurrent request, each with room for a whole request.
+        llama-server splits ctx_size across its slots; with the default single slot it serves
+        requests one at a time (the seed's flat ~205 tok/s from 1 to 100 users). Prompt scoring
+        runs in-process with its own context, so `load.scored_tokens` needs nothing here."""
+        if not cfg.fit_to_load:
+            return cfg
+        parallel = max(cfg.parallel, load.concurrency)
+        return dataclasses.replace(
+            cfg, parallel=parallel, ctx_size=max(cfg.ctx_size, parallel * load.tokens_per_request)
+        )
+
+    def serve(self, cfg: Config, artifact: Artifact, ctx: JobContext) -> contextlib.AbstractContextManager:
+        return serve(cfg, artifact, ctx)
+
+
 @contextlib.contextmanager
 def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCppServed]:
     """Start llama-server, wait until /health answers, yield, and stop its process group."""
-    if artifact.format not in FORMATS:
+    if artifact.format not in LlamaCppEngine.formats:
         raise QsweepError(f"llama.cpp serves GGUF files, not {artifact.format}")
-    env = StageEnv(ENV)
+    env = ctx.stage_env(envs.LLAMACPP)
     port = cfg.port or http.free_port(cfg.host)
     url = f"http://{cfg.host}:{port}"
-    log = ctx.log("server.log")
+    server_log = ctx.log("server.log")
     cmd = [
         env.tool("llama-server"),
         "-m",
@@ -137,9 +141,9 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         *cfg.extra_args,
     ]
     started = time.monotonic()
-    print(f"[qsweep]   starting llama-server on {url} (-c {cfg.ctx_size} -np {cfg.parallel})", flush=True)
-    with procs.background(cmd, log_path=log, env=env.environ()) as proc:
+    log.info("  starting llama-server on %s (-c %s -np %s)", url, cfg.ctx_size, cfg.parallel)
+    with procs.background(cmd, log_path=server_log, env=env.environ()) as proc:
         http.wait_healthy(
-            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="llama-server"
+            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="llama-server"
         )
-        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, log, ctx)
+        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx)

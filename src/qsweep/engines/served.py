@@ -1,11 +1,17 @@
-"""What every engine yields while it serves: an OpenAI-compatible server that benchmarks talk to."""
+"""What a served model can do, and what a benchmark asks of the engine serving it.
+
+An engine's `serve` yields a `ServedModel`. What else it can do is said by the capability protocols
+below, which its served-model class implements: a benchmark declares the capabilities it needs
+(`Benchmark.requires`), the pre-flight matches the two, and a benchmark uses them with
+`isinstance(served, Capability)`, never by probing for attributes.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
@@ -20,10 +26,85 @@ class Tokenized:
     hf_compare: dict | None = None
 
 
+@runtime_checkable
+class ChatEndpoint(Protocol):
+    """an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) that clients such as
+    evalscope talk to"""
+
+    def api_base(self) -> str:
+        """The API's base URL, ending in /v1."""
+        ...
+
+    def complete(self, prompt: str, max_tokens: int) -> tuple[str, float]:
+        """A greedy completion; returns (text, seconds)."""
+        ...
+
+
+@runtime_checkable
+class Tokenizes(Protocol):
+    """tokenization with the engine's own tokenizer"""
+
+    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+        """Token ids of a text file as the engine makes them, and the BOS id if the model adds one.
+        With `compare_tokens`, engines whose vocabulary is not the transformers one also say how
+        the transformers tokenizer splits that many tokens (`Tokenized.hf_compare`)."""
+        ...
+
+
+@runtime_checkable
+class ScoresPrompt(Protocol):
+    """log-probabilities of given prompt tokens"""
+
+    def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
+        """For each chunk, the log-prob of chunk[j+1] given chunk[:j+1], for j from `first` to the end."""
+        ...
+
+
+@runtime_checkable
+class FullDistribution(Protocol):
+    """the whole next-token distribution at every position"""
+
+    def full_logprobs(self, chunks: list[list[int]], first: int, npy: Path, timeout_s: float) -> None:
+        """Log-probs over the whole vocabulary at each position from `first`, as float16 rows in `npy`."""
+        ...
+
+
+@runtime_checkable
+class TopKDistribution(Protocol):
+    """the k likeliest next tokens with their log-probabilities at every position"""
+
+    def top_logprobs(
+        self, chunks: list[list[int]], first: int, k: int, timeout_s: float
+    ) -> list[list[dict[int, float]]]:
+        """Per chunk, per position from `first`: {token: log-prob} of the k likeliest next tokens."""
+        ...
+
+
+CAPABILITIES: tuple[type, ...] = (ChatEndpoint, Tokenizes, ScoresPrompt, FullDistribution, TopKDistribution)
+
+
+def describe(capability: type) -> str:
+    """'ScoresPrompt (log-probabilities of given prompt tokens)': for messages."""
+    return f"{capability.__name__} ({' '.join((capability.__doc__ or '').split())})"
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a benchmark asks of the engine serving it. The engine is sized for the largest value of
+    each field over a job's benchmarks (`Engine.fit`), never below its own settings."""
+
+    concurrency: int = 1  # requests in flight at once
+    tokens_per_request: int = 0  # context one generation request needs: prompt + generated tokens
+    scored_tokens: int = 0  # longest token sequence scored in one request (prompt log-probs)
+    top_logprobs: int = 0  # next-token log-probs asked for at each position
+
+    def combine(self, other: Load) -> Load:
+        return Load(**{f.name: max(getattr(self, f.name), getattr(other, f.name)) for f in fields(Load)})
+
+
 @dataclass
 class ServedModel:
-    """A running server. Engines add `tokenize(text, timeout_s, compare_tokens) -> Tokenized` and
-    `score(chunks, first, timeout_s)` for the perplexity protocol."""
+    """A running OpenAI-compatible server; engines subclass it and add the capabilities they have."""
 
     cfg: Any  # the engine's config: request_timeout_s, smoke settings
     artifact: Artifact
@@ -32,6 +113,9 @@ class ServedModel:
     log: Path
     ctx: JobContext
     model_name: str | None = None  # the "model" field of requests, where the server wants one
+
+    def api_base(self) -> str:
+        return f"{self.url}/v1"
 
     def request(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
         if self.model_name is not None:

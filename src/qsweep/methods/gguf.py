@@ -5,6 +5,7 @@ share the f16 file or the imatrix build it once."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from enum import Enum
@@ -12,17 +13,17 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from qsweep import procs
+from qsweep import envs, procs
 from qsweep.cache import CacheEntry
 from qsweep.context import Artifact, JobContext
-from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
+from qsweep.methods.base import METHODS, Method
 from qsweep.models import PreparedModel
 from qsweep.textdata import TextConfig, materialize, source_file
 
-ENV = "llamacpp"
+log = logging.getLogger(__name__)
+
 BUILD_LOG = "build.log"  # each cache entry keeps the log of the steps that built it
-FORMATS = ("gguf",)  # artifact formats this method makes
 
 
 class GgufOuttype(Enum):
@@ -51,8 +52,6 @@ class GgufQuantType(Enum):
 
 @dataclass
 class Config:
-    name: str = MISSING
-    kind: str = "gguf"
     quant_type: GgufQuantType = MISSING
     imatrix: bool = False
     # Calibration text for the importance matrix: by default a slice of the Wikipedia text that the
@@ -68,19 +67,13 @@ class Config:
     timeout_s: int = 7200
 
 
-def check(cfg: Config) -> None:
-    """Side-effect-free validation at pre-flight."""
-    if cfg.imatrix:
-        source_file(cfg.imatrix_text)
+def llama_build(ctx: JobContext) -> str:
+    return ctx.stage_env(envs.LLAMACPP).info().get("llama_cpp_build", "unknown")
 
 
-def llama_build() -> str:
-    return StageEnv(ENV).info().get("llama_cpp_build", "unknown")
-
-
-def inspect_gguf(path: Path, out: Path, log: Path) -> dict:
+def inspect_gguf(path: Path, out: Path, log: Path, ctx: JobContext) -> dict:
     """Tensor-type mix, parameter count and bits per weight of a GGUF file."""
-    env = StageEnv(ENV)
+    env = ctx.stage_env(envs.LLAMACPP)
     procs.run(
         [*env.script("gguf_info.py"), path, out],
         log_path=log,
@@ -93,14 +86,14 @@ def inspect_gguf(path: Path, out: Path, log: Path) -> dict:
 
 def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> CacheEntry:
     """The model converted to an unquantized GGUF by llama.cpp's own converter."""
-    env = StageEnv(ENV)
+    env = ctx.stage_env(envs.LLAMACPP)
     env.require()
-    key = {"model": model.fingerprint, "outtype": outtype.value, "llama_cpp": llama_build()}
-    log = ctx.log("quantize.log")
+    key = {"model": model.fingerprint, "outtype": outtype.value, "llama_cpp": llama_build(ctx)}
+    quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
         out = tmp / f"model-{outtype.value}.gguf"
-        print(f"[qsweep]   converting {model.name} to GGUF {outtype.value}", flush=True)
+        log.info("  converting %s to GGUF %s", model.name, outtype.value)
         procs.run(
             [
                 env.python,
@@ -111,13 +104,13 @@ def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> Cac
                 "--outfile",
                 out,
             ],
-            log_path=log,
+            log_path=quantize_log,
             timeout_s=7200,
             what=f"convert {model.name} to GGUF",
             env=env.environ(),
         )
-        info = inspect_gguf(out, tmp / "gguf_info.json", log)
-        shutil.copy2(log, tmp / BUILD_LOG)
+        info = inspect_gguf(out, tmp / "gguf_info.json", quantize_log, ctx)
+        shutil.copy2(quantize_log, tmp / BUILD_LOG)
         return {"file": out.name, "gguf": info}
 
     return ctx.artifact_cache.entry("gguf-base", key, build, what=f"{outtype.value} GGUF of {model.name}")
@@ -125,22 +118,19 @@ def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> Cac
 
 def imatrix(cfg: Config, base: CacheEntry, ctx: JobContext) -> CacheEntry:
     """An importance matrix computed by llama-imatrix on the calibration text."""
-    env = StageEnv(ENV)
+    env = ctx.stage_env(envs.LLAMACPP)
     text, text_sha = materialize(cfg.imatrix_text, ctx.artifact_cache)
     key = {
         "base": base.manifest["key"],
         "text": text_sha,
         "chunks": cfg.imatrix_chunks,
         "ctx": cfg.imatrix_ctx,
-        "llama_cpp": llama_build(),
+        "llama_cpp": llama_build(ctx),
     }
-    log = ctx.log("quantize.log")
+    quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
-        print(
-            f"[qsweep]   computing importance matrix ({cfg.imatrix_chunks} x {cfg.imatrix_ctx} tokens)",
-            flush=True,
-        )
+        log.info("  computing importance matrix (%d x %d tokens)", cfg.imatrix_chunks, cfg.imatrix_ctx)
         procs.run(
             [
                 env.tool("llama-imatrix"),
@@ -156,12 +146,12 @@ def imatrix(cfg: Config, base: CacheEntry, ctx: JobContext) -> CacheEntry:
                 cfg.imatrix_ctx,
                 *(["-t", cfg.threads] if cfg.threads else []),
             ],
-            log_path=log,
+            log_path=quantize_log,
             timeout_s=cfg.timeout_s,
             what="llama-imatrix",
             env=env.environ(),
         )
-        shutil.copy2(log, tmp / BUILD_LOG)
+        shutil.copy2(quantize_log, tmp / BUILD_LOG)
         return {"file": "imatrix.gguf"}
 
     return ctx.artifact_cache.entry("imatrix", key, build, what="importance matrix")
@@ -199,10 +189,28 @@ def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str, model:
     )
 
 
-def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
-    if fmt != "gguf":
-        raise QsweepError(f"method {cfg.name} makes GGUF files; the engine wants {fmt}")
-    env = StageEnv(ENV)
+@METHODS.register("gguf")
+class GgufMethod(Method):
+    """llama.cpp quantization types (`method=gguf-q4_k_m`, `gguf-iq4_xs`), optionally with an
+    importance matrix."""
+
+    Config = Config
+    formats = ("gguf",)
+    env = envs.LLAMACPP
+
+    def check(self, cfg: Config) -> None:
+        if cfg.imatrix:
+            source_file(cfg.imatrix_text)
+
+    def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+        if fmt != "gguf":
+            raise QsweepError(f"method {self.name} makes GGUF files; the engine wants {fmt}")
+        return quantize(cfg, model, ctx)
+
+
+def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
+    """The f16 GGUF (cached), its importance matrix if asked (cached), then llama-quantize (cached)."""
+    env = ctx.stage_env(envs.LLAMACPP)
     base = f16_gguf(model, cfg.f16_outtype, ctx)
     chain = [base]
     imat = None
@@ -214,13 +222,13 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
         "type": cfg.quant_type.value,
         "imatrix": imat.manifest["key"] if imat else None,
         "leave_output_tensor": cfg.leave_output_tensor,
-        "llama_cpp": llama_build(),
+        "llama_cpp": llama_build(ctx),
     }
-    log = ctx.log("quantize.log")
+    quantize_log = ctx.log("quantize.log")
 
-    def quantize(tmp: Path) -> dict:
+    def build(tmp: Path) -> dict:
         out = tmp / f"model-{cfg.quant_type.value}.gguf"
-        print(f"[qsweep]   llama-quantize {cfg.quant_type.value}", flush=True)
+        log.info("  llama-quantize %s", cfg.quant_type.value)
         procs.run(
             [
                 env.tool("llama-quantize"),
@@ -231,15 +239,15 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
                 cfg.quant_type.value,
                 *([cfg.threads] if cfg.threads else []),
             ],
-            log_path=log,
+            log_path=quantize_log,
             timeout_s=cfg.timeout_s,
             what=f"llama-quantize {cfg.quant_type.value}",
             env=env.environ(),
         )
-        info = inspect_gguf(out, tmp / "gguf_info.json", log)
-        shutil.copy2(log, tmp / BUILD_LOG)
+        info = inspect_gguf(out, tmp / "gguf_info.json", quantize_log, ctx)
+        shutil.copy2(quantize_log, tmp / BUILD_LOG)
         return {"file": out.name, "gguf": info}
 
-    entry = ctx.artifact_cache.entry("gguf", key, quantize, what=f"{cfg.quant_type.value} GGUF")
+    entry = ctx.artifact_cache.entry("gguf", key, build, what=f"{cfg.quant_type.value} GGUF")
     chain.append(entry)
     return artifact_from(entry, chain, cfg.quant_type.value, model)

@@ -5,6 +5,7 @@ Output: a compressed-tensors checkpoint with recipe.yaml (GPTQModel: the classic
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,16 +14,15 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from qsweep import calibration, procs
+from qsweep import calibration, envs, procs
 from qsweep.cache import file_sha256
 from qsweep.context import Artifact, JobContext
-from qsweep.envs import StageEnv
 from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
+from qsweep.methods.base import METHODS, Method
 from qsweep.models import PreparedModel
 
-ENV = "quantize"
-FORMATS = ("hf",)
+log = logging.getLogger(__name__)
 
 
 class Algorithm(Enum):
@@ -38,8 +38,6 @@ class Backend(Enum):
 
 @dataclass
 class Config:
-    name: str = MISSING
-    kind: str = "llmcompressor"
     algorithm: Algorithm = MISSING
     scheme: str = "W4A16"  # a compressed-tensors preset: W4A16, W4A16_ASYM, W8A8, FP8_DYNAMIC, ...
     group_size: int | None = 128  # W4A16 only; lowered to a divisor of the layer widths if needed
@@ -77,10 +75,27 @@ def layer_progress(log: Path) -> str:
     return f"(layer group {found[0]}/{found[1]}, {found[2].lower()})" if found else ""
 
 
-def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
-    if fmt != "hf":
-        raise QsweepError(f"method {cfg.name} makes transformers checkpoints; the engine wants {fmt}")
-    env = StageEnv(ENV)
+@METHODS.register("llmcompressor")
+class LlmCompressorMethod(Method):
+    """llm-compressor's GPTQ, AWQ and FP8 (`method=gptq`, `awq`, `fp8`), or a recipe file; GPTQ
+    also through GPTQModel (`method.backend=gptqmodel`)."""
+
+    Config = Config
+    formats = ("hf",)
+    env = envs.QUANTIZE
+
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+        if fmt != "hf":
+            raise QsweepError(f"method {self.name} makes transformers checkpoints; the engine wants {fmt}")
+        return quantize(cfg, model, ctx)
+
+
+def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
+    """The quantized checkpoint, built in the quantize stage environment or taken from the cache."""
+    env = ctx.stage_env(envs.QUANTIZE)
     env.require()
     recipe = Path(cfg.recipe).expanduser().resolve() if cfg.recipe else None
     if recipe is not None and not recipe.is_file():
@@ -102,9 +117,9 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
         "llmcompressor": versions.get("llmcompressor"),
         "compressed-tensors": versions.get("compressed-tensors"),
     }
-    log = ctx.log("quantize.log")
+    quantize_log = ctx.log("quantize.log")
 
-    def quantize(tmp: Path) -> dict:
+    def build(tmp: Path) -> dict:
         spec = {
             "model": str(model.path),
             "out": str(tmp / "checkpoint"),
@@ -119,7 +134,7 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
             "summary_out": str(tmp / "summary.json"),
         }
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-        print(f"[qsweep]   {cfg.backend.value} {cfg.algorithm.value} {cfg.scheme}", flush=True)
+        log.info("  %s %s %s", cfg.backend.value, cfg.algorithm.value, cfg.scheme)
         script = "gptqmodel_quantize.py" if cfg.backend is Backend.gptqmodel else "llmcompressor_quantize.py"
         # GPTQModel refuses 2 workers on a 2-core box unless told how many it may use, and
         # JIT-compiles kernels into a cache that should not land in $HOME.
@@ -131,18 +146,19 @@ def build(cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artif
         environ = env.environ(progress_bars=True, **extra, TQDM_MININTERVAL="15")
         procs.run(
             [*env.script(script), tmp / "spec.json"],
-            log_path=log,
+            log_path=quantize_log,
             timeout_s=cfg.timeout_s,
-            what=f"{cfg.backend.value} {cfg.name}",
+            what=f"{cfg.backend.value} {cfg.algorithm.value}",
             env=environ,
             cwd=tmp,  # GPTQModel writes a logs/ folder into its working directory
-            progress=lambda: layer_progress(log),
+            progress=lambda: layer_progress(quantize_log),
         )
         summary = json.loads((tmp / "summary.json").read_text())
-        (tmp / "build.log").write_text(log.read_text())
+        (tmp / "build.log").write_text(quantize_log.read_text())
         return {"summary": summary}
 
-    entry = ctx.artifact_cache.entry("hf-quantized", key, quantize, what=f"{cfg.name} checkpoint")
+    what = f"{cfg.algorithm.value} {cfg.scheme} checkpoint"
+    entry = ctx.artifact_cache.entry("hf-quantized", key, build, what=what)
     checkpoint = entry.path / "checkpoint"
     summary = entry.manifest["summary"]
     stats = checkpoint_stats(checkpoint)

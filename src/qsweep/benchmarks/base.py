@@ -1,0 +1,57 @@
+"""The benchmark contract: how a plug-in measures a served model.
+
+To add a benchmark: a module in this package with a `Config` dataclass and a `Benchmark` subclass
+registered with `@BENCHMARKS.register("<name>")`, a YAML option conf/benchmark/<name>.yaml
+(`# @package benchmark.<name>`, `defaults: [<name>_schema, _self_]`), a test and a README row.
+Its config gets its place in the `benchmark` container from the registration.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from qsweep.context import BenchmarkResult, JobContext
+from qsweep.engines.served import Load, ServedModel, describe
+from qsweep.envs import StageEnvSpec
+from qsweep.plugins import Registry
+
+
+class Benchmark(ABC):
+    """Runs against a served model and returns metrics; compares itself with the baseline."""
+
+    name: ClassVar[str]  # set by the registration
+    Config: ClassVar[type]  # typed settings; schema `benchmark/<name>_schema`
+    env: ClassVar[StageEnvSpec | None] = None  # a stage environment its tool runs in
+    # Capability protocols (engines/served.py) the served model must implement, all of them...
+    requires: ClassVar[tuple[type, ...]] = ()
+    # ...and at least one of these, if any are listed.
+    requires_any: ClassVar[tuple[type, ...]] = ()
+
+    def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
+        """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    def load(self, cfg: Any) -> Load:
+        """What it asks of the engine: the engine is sized for the largest load of a job's benchmarks."""
+        return Load()
+
+    def unmet(self, capabilities: frozenset[type]) -> str | None:
+        """Why an engine with these capabilities cannot run it, or None."""
+        missing = [cap for cap in self.requires if cap not in capabilities]
+        if missing:
+            return "needs " + " and ".join(describe(cap) for cap in missing)
+        if self.requires_any and not capabilities & set(self.requires_any):
+            return "needs " + " or ".join(describe(cap) for cap in self.requires_any)
+        return None
+
+    @abstractmethod
+    def run(self, cfg: Any, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        """Measure; per-sample data the baseline comparison needs goes in `BenchmarkResult.samples`."""
+
+    def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
+        """Metrics of this job against the baseline's samples of the same benchmark and settings
+        (deltas, ratios, intervals); called only when `run` returned samples."""
+        return {}
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", Benchmark, group="benchmark")

@@ -1,0 +1,91 @@
+"""The engine contract: how a plug-in serves an artifact for benchmarks to measure.
+
+To add an engine: a module in this package with a `Config` (subclass `EngineConfig`) and an
+`Engine` subclass registered with `@ENGINES.register("<name>")`, a YAML option in conf/engine/
+(`defaults: [<name>_schema, _self_]`), its stage environment's requirements in envs/, a test, and
+a README row. Nothing else needs to know about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from qsweep.context import Artifact, JobContext
+from qsweep.engines.served import CAPABILITIES, Load, ServedModel
+from qsweep.envs import StageEnvSpec
+from qsweep.plugins import Registry
+
+# Field metadata marking a setting that does not change a result (where a server listens, how long
+# to wait, how many requests at once): left out of the key under which results are reused.
+RESULT_NEUTRAL = "qsweep.result_neutral"
+
+
+def neutral(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that does not change results: `port: int = neutral(0)`."""
+    return field(default=default, default_factory=default_factory, metadata={RESULT_NEUTRAL: True})
+
+
+def result_settings(cfg: Any) -> dict[str, Any]:
+    """A config's settings that can change a result (every field not marked `neutral`)."""
+    return {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get(RESULT_NEUTRAL)
+    }
+
+
+@dataclass
+class EngineConfig:
+    """Settings every engine has. A subclass that changes a default must keep it `neutral`."""
+
+    host: str = neutral("127.0.0.1")
+    port: int = neutral(0)  # 0: a free port
+    startup_timeout_s: int = neutral(300)
+    request_timeout_s: int = neutral(300)
+    smoke_prompt: str = neutral("The capital of France is")
+    smoke_max_tokens: int = neutral(16)
+    fit_to_load: bool = neutral(True)  # size the server for the benchmarks' declared load
+    extra_args: list[str] = field(default_factory=list)  # passed to the server as they are
+
+
+class Engine(ABC):
+    """Serves an artifact behind an OpenAI-compatible server for the job's benchmarks.
+
+    Class attributes are the declaration the pre-flight reads before anything runs; `name` is set
+    by the registration.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[EngineConfig]]  # typed settings; schema `engine/<name>_schema`
+    formats: ClassVar[tuple[str, ...]]  # artifact formats it serves ("gguf", "hf")
+    # Formats tried and found not to load, with why (shown when a sweep skips such a pair).
+    not_served: ClassVar[dict[str, str]] = {}
+    env: ClassVar[StageEnvSpec | None]  # the stage environment its server runs in
+    # What `serve` yields; the capability protocols it implements are what this engine can do.
+    served_type: ClassVar[type[ServedModel]]
+
+    @classmethod
+    def capabilities(cls) -> frozenset[type]:
+        """The capability protocols (engines/served.py) its served model implements."""
+        return frozenset(cap for cap in CAPABILITIES if issubclass(cls.served_type, cap))
+
+    def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
+        """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    def device(self, cfg: Any) -> str:
+        """The device it serves on ("cpu", "cuda"): picks measured caveats and unservable pairs."""
+        return "cpu"
+
+    def fit(self, cfg: Any, load: Load) -> Any:
+        """The config sized for `load` (never lowered; unchanged when `cfg.fit_to_load` is off)."""
+        return cfg
+
+    @abstractmethod
+    def serve(self, cfg: Any, artifact: Artifact, ctx: JobContext) -> AbstractContextManager[ServedModel]:
+        """Start the server, wait until it is healthy, yield a `served_type`, and stop it (with its
+        whole process group) on leaving the block, whatever happens."""
+
+
+ENGINES: Registry[Engine] = Registry("engine", Engine, group="engine")

@@ -1,0 +1,81 @@
+"""Serve an artifact and run benchmarks on it: the one loop a job and the baseline evaluation share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qsweep.benchmarks.base import Benchmark
+from qsweep.context import Artifact, BenchmarkResult, JobContext
+from qsweep.engines.base import Engine
+from qsweep.engines.served import ChatEndpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageClock:
+    """Wall time of each named stage (`time_<stage>_s`), announced as it starts and ends."""
+
+    prefix: str = ""  # "baseline_": stages run on the job's behalf, told apart in the log
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        name = self.prefix + name
+        log.info("stage %s ...", name)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[f"time_{name}_s"] = elapsed = time.monotonic() - started
+            log.info("stage %s: %.1f s", name, elapsed)
+
+
+@dataclass
+class Served:
+    """How the server came up: seconds to healthy, and the smoke completion (where it has an API)."""
+
+    start_s: float
+    prompt: str
+    reply: str | None = None
+    latency_s: float | None = None
+
+
+def headline(metrics: Mapping[str, float]) -> str:
+    """The metrics worth a terminal line (standard errors and intervals stay in MLflow)."""
+    detail = ("_stderr", "_err", "_n", "_ci_low", "_ci_high")
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith(detail) or k == "ppl_err")
+
+
+def serve_and_measure(
+    engine: Engine,
+    engine_cfg: Any,
+    artifact: Artifact,
+    benchmarks: Mapping[str, tuple[Benchmark, Any]],
+    ctx: JobContext,
+    clock: StageClock,
+    on_served: Callable[[Served], None] = lambda served: None,
+    on_result: Callable[[str, BenchmarkResult], None] = lambda name, result: None,
+) -> dict[str, BenchmarkResult]:
+    """Start the engine once, check it answers, run every benchmark on it in order, stop it.
+    `on_served` and `on_result` hear of each step as it happens (a job records them at once, so a
+    later failure keeps what was measured)."""
+    results: dict[str, BenchmarkResult] = {}
+    with clock.stage("serve"), engine.serve(engine_cfg, artifact, ctx) as served:
+        up = Served(served.start_s, engine_cfg.smoke_prompt)
+        if isinstance(served, ChatEndpoint):
+            up.reply, up.latency_s = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
+            log.info("  serving: %r -> %r", engine_cfg.smoke_prompt, up.reply.strip()[:80])
+        on_served(up)
+        for name, (benchmark, bench_cfg) in benchmarks.items():
+            with clock.stage(f"benchmark_{name}"):
+                result = benchmark.run(bench_cfg, served, ctx)
+            log.info("  %s: %s", name, headline(result.metrics))
+            on_result(name, result)
+            results[name] = result
+    return results

@@ -1,0 +1,39 @@
+"""The method contract: how a plug-in turns a prepared model into an artifact an engine serves.
+
+To add a method: a module in this package with a `Config` dataclass and a `Method` subclass
+registered with `@METHODS.register("<kind>")`, YAML options in conf/method/ (`defaults:
+[<kind>_schema, _self_]`; one kind may have many options, as llmcompressor has gptq, awq and fp8),
+a test and a README row. Artifacts are cached by content: build them with `ctx.artifact_cache.entry`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from qsweep.context import Artifact, JobContext
+from qsweep.envs import StageEnvSpec
+from qsweep.models import PreparedModel
+from qsweep.plugins import Registry
+
+
+class Method(ABC):
+    """Quantizes (or not: the baseline) a model into an artifact of one of `formats`."""
+
+    name: ClassVar[str]  # set by the registration
+    Config: ClassVar[type]  # typed settings; schema `method/<name>_schema`
+    formats: ClassVar[tuple[str, ...]]  # artifact formats it can make ("gguf", "hf")
+    env: ClassVar[StageEnvSpec | None] = None  # the stage environment it runs in
+    # The unquantized reference every other method is compared with (there is one: `none`).
+    is_baseline: ClassVar[bool] = False
+
+    def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
+        """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    @abstractmethod
+    def build(self, cfg: Any, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+        """The artifact in format `fmt` (one of `formats`, the one the engine serves), built or
+        taken from the cache; its metrics, params and logs are recorded on the job's run."""
+
+
+METHODS: Registry[Method] = Registry("method", Method, group="method")

@@ -1,0 +1,141 @@
+"""The plan of one job, made from its composed config before anything runs: which plug-ins with
+which settings, what is skipped and why, and how the engine is sized for the benchmarks' load.
+
+Making a plan has no side effects. The pre-flight makes the plan of every job of a sweep, so bad
+input, an unservable pair or a benchmark the engine cannot run is known before any job starts;
+each job then runs its own plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from qsweep import compat, gates, models
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
+from qsweep.engines.base import ENGINES, Engine
+from qsweep.engines.served import Load
+from qsweep.envs import StageEnvSpec
+from qsweep.errors import QsweepError
+from qsweep.methods.base import METHODS, Method
+
+# Top-level config sections, converted to typed objects (a missing value fails here).
+SECTIONS = ("model", "method", "engine", "benchmark", "calibration", "gates", "paths", "tracking")
+
+
+@dataclass
+class JobPlan:
+    """Everything a job will do, decided from its config and its Hydra group choices."""
+
+    name: str  # "smollm2-135m/gptq/vllm": the run's name, from the group choices
+    choices: dict[str, str]  # Hydra's group choices, e.g. {"method": "gptq", ...}
+    model_name: str
+    model: models.ModelConfig
+    method: Method
+    method_cfg: Any
+    engine: Engine
+    engine_cfg: Any  # sized for the benchmarks' load (see `preset`)
+    device: str
+    preset: dict[str, Any]  # engine settings the load changed: logged as `served.*` params
+    benchmarks: dict[str, tuple[Benchmark, Any]]  # the ones to run, in the order asked
+    skipped_benchmarks: dict[str, str] = field(default_factory=dict)  # name -> why not on this engine
+    gates: gates.GatesConfig = field(default_factory=gates.GatesConfig)
+    fmt: str | None = None  # the artifact format the method makes for the engine
+    skip_reason: str | None = None  # the pair cannot run: the job is recorded as skipped
+    caveat: str | None = None  # the pair runs, but its figures need a note
+
+    @property
+    def is_reference_baseline(self) -> bool:
+        """The default baseline, whose results quantized jobs are compared with."""
+        return self.method.is_baseline and self.method_cfg == type(self.method_cfg)()
+
+    def stage_envs(self) -> list[StageEnvSpec]:
+        """The stage environments this job uses, model preparation's included."""
+        used = [models.prepare_env(self.model), self.method.env, self.engine.env]
+        used += [benchmark.env for benchmark, _ in self.benchmarks.values()]
+        return sorted({env.name: env for env in used if env is not None}.values(), key=lambda e: e.name)
+
+
+def typed(cfg: DictConfig, section: str) -> Any:
+    try:
+        return OmegaConf.to_object(cfg[section])
+    except MissingMandatoryValue as err:
+        key = f"{section}.{err.full_key}" if err.full_key else section
+        raise QsweepError(f"{key} has no value: set {key}=...") from None
+
+
+def benchmark_order(overrides: list[str]) -> list[str]:
+    """The selected benchmarks in the order they were listed (`benchmark=[ppl,perf]` runs ppl
+    first): the order of their options in Hydra's defaults list for these overrides. Needs Hydra
+    initialized (the pre-flight, a job under any launcher); [] where it is not."""
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    defaults = (
+        GlobalHydra.instance().config_loader().compute_defaults_list("config", list(overrides), RunMode.RUN)
+    )
+    packages = (d.package or "" for d in defaults.defaults)
+    return list(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
+
+
+def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ()) -> JobPlan:
+    """Check one composed job and decide what it will do; raises QsweepError naming the fix.
+    `order` lists benchmark names in the order to run them (`benchmark_order`)."""
+    sections = {name: typed(cfg, name) for name in SECTIONS if name in cfg}
+    model_cfg, method_cfg, engine_cfg = sections["model"], sections["method"], sections["engine"]
+    method = METHODS.for_config(type(method_cfg))
+    engine = ENGINES.for_config(type(engine_cfg))
+    model_name = models.display_name(model_cfg, str(choices.get("model", "model")))
+    method_option, engine_option = (
+        str(choices.get("method", method.name)),
+        str(choices.get("engine", engine.name)),
+    )
+    models.check(model_cfg, model_name)
+    method.check(method_cfg)
+    engine.check(engine_cfg)
+    gates.limits(sections["gates"])
+    device = engine.device(engine_cfg)
+
+    container = sections["benchmark"]
+    selected = [f.name for f in dataclasses.fields(container) if getattr(container, f.name) is not None]
+    order = list(order)
+    runnable: dict[str, tuple[Benchmark, Any]] = {}
+    skipped: dict[str, str] = {}
+    capabilities = engine.capabilities()
+    for name in sorted(selected, key=lambda n: (order.index(n) if n in order else len(order), n)):
+        benchmark, bench_cfg = BENCHMARKS.get(name), getattr(container, name)
+        benchmark.check(bench_cfg)
+        unmet = benchmark.unmet(capabilities)
+        if unmet:
+            skipped[name] = f"engine {engine_option} cannot run it: it {unmet}"
+        else:
+            runnable[name] = (benchmark, bench_cfg)
+
+    load = functools.reduce(Load.combine, (b.load(c) for b, c in runnable.values()), Load())
+    fitted = engine.fit(engine_cfg, load)
+    before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)
+    return JobPlan(
+        name=f"{model_name}/{method_option}/{engine_option}",
+        choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
+        model_name=model_name,
+        model=model_cfg,
+        method=method,
+        method_cfg=method_cfg,
+        engine=engine,
+        engine_cfg=fitted,
+        device=device,
+        preset={k: v for k, v in after.items() if before[k] != v},
+        benchmarks=runnable,
+        skipped_benchmarks=skipped,
+        gates=sections["gates"],
+        fmt=compat.serving_format(method, engine),
+        skip_reason=compat.skip_reason(method_option, method, engine_option, engine, device),
+        caveat=compat.caveat(method_option, engine, device),
+    )

@@ -1,0 +1,130 @@
+"""A sweep as a whole: its MLflow parent run, its summary, and its exit code.
+
+Hydra calls `SweepCallback` (conf/config.yaml) in the controller process, whatever the launcher:
+it opens the parent run before the first job and, after the last, reads the jobs' recorded
+outcomes back from MLflow, prints the summary, closes the parent run and, if any job failed,
+raises `SweepFailed`, which the CLI turns into exit code 1. Jobs record their own outcome (Hydra's
+BasicSweeper skips `on_multirun_end` when a job raises; qsweep's jobs never do).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from qsweep import tracking
+
+log = logging.getLogger(__name__)
+
+PARENT_ID_FILE = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a job returns to Hydra once its run is recorded."""
+
+    name: str
+    status: str  # FINISHED, FAILED, KILLED or SKIPPED
+    run_id: str | None = None
+
+
+class SweepFailed(SystemExit):
+    """Some jobs failed: the process exits with code 1 after the sweep's summary."""
+
+    def __init__(self, failed: list[str]):
+        super().__init__(1)
+        self.failed = failed
+
+    def __str__(self) -> str:
+        return f"{len(self.failed)} job(s) failed: {', '.join(self.failed)}"
+
+
+def parent_run_id(sweep_dir: Path) -> str | None:
+    try:
+        return (sweep_dir / PARENT_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+class SweepCallback(Callback):
+    """Opens the sweep's parent run before the first job, closes it after the last, and decides the
+    exit code from the jobs' runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        client, experiment_id = tracking.client_for(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={
+                **tracking.environment_tags(),
+                "qsweep.kind": "sweep",
+                "qsweep.sweep_dir": str(sweep_dir),
+                "qsweep.command": " ".join(config.hydra.overrides.task),
+            },
+        )
+        (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+        log.info("sweep %s: MLflow parent run %s", sweep_dir.name, run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_id = parent_run_id(Path(config.hydra.sweep.dir))
+        if run_id is None:
+            return
+        client, experiment_id = tracking.client_for(config)
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        log.info("sweep summary:\n%s", summary_table(children))
+        if client.get_run(run_id).info.status == "RUNNING":
+            unfinished = any(c.info.status != "FINISHED" for c in children)
+            client.set_terminated(run_id, "FAILED" if unfinished else "FINISHED")
+        failed = [c.info.run_name for c in children if c.info.status == "FAILED"]
+        if failed:
+            raise SweepFailed(failed)
+
+    def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """A single job (no -m): its own recorded outcome decides the exit code."""
+        if job_return is None or job_return.status != JobStatus.COMPLETED:
+            return  # a job that raised: Hydra reports it
+        outcome = job_return.return_value
+        if isinstance(outcome, JobOutcome) and outcome.status == "FAILED":
+            raise SweepFailed([outcome.name])
+
+
+def summary_table(runs: list) -> str:
+    """The sweep's jobs, one line each, for the terminal. `ppl/base` is the perplexity ratio to the
+    baseline, `~` when its 95% interval includes 1 (no evidence of a difference)."""
+    header = f"{'job':<40} {'status':<9} {'ppl':>9} {'ppl/base':>9} {'size MB':>8} {'bpw':>6}  out tok/s"
+    lines = [header]
+    for run in runs:
+        m, tags = run.data.metrics, run.data.tags
+        ppl = f"{m['ppl']:.4f}" if "ppl" in m else "-"
+        ratio = (
+            f"{m['ppl_ratio']:.4f}" + ("~" if m.get("ppl_within_noise") else " ") if "ppl_ratio" in m else "-"
+        )
+        size = f"{m['artifact_size_mb']:.0f}" if "artifact_size_mb" in m else "-"
+        bpw = f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-"
+        levels = sorted(
+            (int(match.group(1)), value)
+            for key, value in m.items()
+            if (match := re.fullmatch(r"perf_output_tok_s_c(\d+)", key))
+        )
+        speed = " ".join(f"c{c}:{value:.0f}" for c, value in levels) or "-"
+        status = "SKIPPED" if "qsweep.skipped" in tags else run.info.status
+        note = f"  ({tags['qsweep.skipped']})" if status == "SKIPPED" else ""
+        if "qsweep.gates_missed" in tags:
+            note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
+        lines.append(
+            f"{run.info.run_name:<40} {status:<9} {ppl:>9} {ratio:>9} {size:>8} {bpw:>6}  {speed}{note}"
+        )
+    return "\n".join(lines)

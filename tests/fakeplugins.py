@@ -1,0 +1,240 @@
+"""Fake plug-ins for fast orchestration tests: a method, two engines and a benchmark, registered
+through the same path a third party uses (QSWEEP_PLUGINS=fakeplugins, with tests/ on PYTHONPATH),
+never by the real code. They need no stage environment: the fake engine serves from a thread of
+the controller, over real HTTP, and scores tokens deterministically, so a quantized fake is worse
+than its baseline by an amount its `noise` sets.
+
+Options (as YAML files would give): method=fake-q4 / fake-q2 / fake-broken, engine=fake (serves
+prompt scores and an OpenAI API) / fakeapi (an OpenAI API only), benchmark=[fakebench].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from qsweep import stats
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
+from qsweep.context import Artifact, BenchmarkResult, JobContext
+from qsweep.engines.base import ENGINES, Engine, EngineConfig, neutral
+from qsweep.engines.served import ChatEndpoint, Load, ServedModel, Tokenized
+from qsweep.errors import QsweepError
+from qsweep.methods.base import METHODS, Method
+from qsweep.models import PreparedModel
+
+VOCAB = 1000
+
+
+def write_fake_checkpoint(path: Path) -> Path:
+    """A checkpoint folder qsweep accepts as `model.path`: config.json and one safetensors file."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "fake", "vocab_size": VOCAB}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]}}).encode()
+    (path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(128))
+    return path
+
+
+# --- method ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeQuantConfig:
+    noise: float = 0.05  # how much worse than the baseline each token's log-prob gets
+    bits: float = 4.0
+    fail: bool = False  # the quantizer fails, as a crashed tool would
+
+
+@METHODS.register("fakequant")
+class FakeQuant(Method):
+    """Writes a 'quantized model' file holding its noise level; cached like a real artifact."""
+
+    Config = FakeQuantConfig
+    formats = ("fake",)
+
+    def check(self, cfg: FakeQuantConfig) -> None:
+        if cfg.noise < 0:
+            raise QsweepError(f"method.noise={cfg.noise} must be >= 0: fix method.noise")
+
+    def build(self, cfg: FakeQuantConfig, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
+        if cfg.fail:
+            raise QsweepError("fake quantizer failed on purpose")
+        key = {"model": model.fingerprint, "noise": cfg.noise, "bits": cfg.bits}
+
+        def build(tmp: Path) -> dict:
+            (tmp / "model.json").write_text(json.dumps({"noise": cfg.noise}))
+            return {}
+
+        entry = ctx.artifact_cache.entry("fake-quantized", key, build, what="fake quantized model")
+        return Artifact(
+            format="fake",
+            path=entry.path / "model.json",
+            cache_hit=entry.hit,
+            metrics={"artifact_size_mb": cfg.bits, "bits_per_weight": cfg.bits, "quantize_s": entry.build_s},
+            params={"artifact.type": f"fake-{cfg.bits:g}bit"},
+        )
+
+
+# --- engines ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeServeConfig(EngineConfig):
+    slots: int = neutral(1)  # sized from the benchmarks' load, like llama-server's -np
+    crash_on_start: bool = False
+
+
+@dataclass
+class FakeApiConfig(FakeServeConfig):
+    pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._reply({"status": "ok"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        words = ("Paris " * body.get("max_tokens", 1)).strip()
+        self._reply({"choices": [{"text": " " + words, "message": {"content": words}}]})
+
+    def _reply(self, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(cfg: FakeServeConfig, ctx: JobContext) -> Iterator[str]:
+    if cfg.crash_on_start:
+        raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
+    server = ThreadingHTTPServer((cfg.host, cfg.port), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ctx.log("server.log").write_text(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
+    try:
+        yield f"http://{cfg.host}:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class FakeApiServed(ServedModel):
+    """An OpenAI API only (ServedModel's own methods)."""
+
+
+@dataclass
+class FakeScoringServed(FakeApiServed):
+    """The API, plus tokenization and prompt scoring with a noise read from the artifact."""
+
+    def noise(self) -> float:
+        return json.loads(self.artifact.path.read_text())["noise"] if self.artifact.format == "fake" else 0.0
+
+    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+        words = text.read_text(encoding="utf-8", errors="replace").split()[:20000]
+        return Tokenized([2 + zlib.crc32(w.encode()) % (VOCAB - 2) for w in words], bos=1)
+
+    def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
+        noise = self.noise()
+        return [[-(1.0 + (t % 7) / 3) - noise * (1 + t % 3) for t in chunk[first + 1 :]] for chunk in chunks]
+
+
+class _FakeEngine(Engine):
+    Config = FakeServeConfig
+    env = None
+
+    def fit(self, cfg: FakeServeConfig, load: Load) -> FakeServeConfig:
+        if not cfg.fit_to_load:
+            return cfg
+        return dataclasses.replace(cfg, slots=max(cfg.slots, load.concurrency))
+
+    @contextlib.contextmanager
+    def serve(self, cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> Iterator[ServedModel]:
+        started = time.monotonic()
+        with _http_server(cfg, ctx) as url:
+            yield self.served_type(cfg, artifact, url, time.monotonic() - started, ctx.log("server.log"), ctx)
+
+
+@ENGINES.register("fake")
+class FakeEngine(_FakeEngine):
+    """Serves fake artifacts and checkpoints from a thread: an OpenAI API, tokenization, scoring."""
+
+    formats = ("fake", "hf")
+    served_type = FakeScoringServed
+
+
+@ENGINES.register("fakeapi")
+class FakeApiEngine(_FakeEngine):
+    """Serves checkpoints behind an OpenAI API only: no prompt scoring, so no perplexity."""
+
+    Config = FakeApiConfig
+    formats = ("hf",)
+    served_type = FakeApiServed
+
+
+# --- benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeBenchConfig:
+    samples: int = 20
+    concurrency: int = 3
+    fail: bool = False  # fails after the server started, as a crashed tool would
+    sleep_s: float = 0.0  # time to send a signal in
+
+
+@BENCHMARKS.register("fakebench")
+class FakeBench(Benchmark):
+    """Asks the served API once and scores samples 0/1 from the artifact's bits; paired delta."""
+
+    Config = FakeBenchConfig
+    requires = (ChatEndpoint,)
+
+    def load(self, cfg: FakeBenchConfig) -> Load:
+        return Load(concurrency=cfg.concurrency, tokens_per_request=64)
+
+    def run(self, cfg: FakeBenchConfig, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        reply, _ = served.complete("The capital of France is", 2)
+        deadline = time.monotonic() + cfg.sleep_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        if cfg.fail:
+            raise QsweepError("fake benchmark failed on purpose")
+        bits = served.artifact.metrics.get("bits_per_weight", 16.0)
+        # Fewer bits, more wrong answers: sample i is right when i is below a bits-dependent share.
+        right = math.ceil(cfg.samples * min(1.0, 0.5 + bits / 32))
+        scores = {str(i): float(i < right and "Paris" in reply) for i in range(cfg.samples)}
+        mean = stats.estimate(list(scores.values())).mean
+        return BenchmarkResult({"fake_score": mean}, samples={"scores": scores})
+
+    def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
+        cmp = stats.compare(samples["scores"], baseline["scores"])
+        return {"fake_delta": cmp.delta, "fake_within_noise": float(cmp.within_noise)}
+
+
+# --- the options a YAML file would give ------------------------------------------------------
+
+store = ConfigStore.instance()
+store.store(group="method", name="fake-q4", node=FakeQuantConfig(noise=0.05, bits=4.0))
+store.store(group="method", name="fake-q2", node=FakeQuantConfig(noise=0.4, bits=2.0))
+store.store(group="method", name="fake-broken", node=FakeQuantConfig(fail=True))
+store.store(group="engine", name="fake", node=FakeServeConfig())
+store.store(group="engine", name="fakeapi", node=FakeApiConfig())
+store.store(group="benchmark", name="fakebench", node=FakeBenchConfig(), package="benchmark.fakebench")

@@ -1,0 +1,127 @@
+"""Every registered plug-in meets its kind's contract, and the contract check itself catches the
+mistakes it is there for (a plug-in written without reading it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qsweep import cli, config, contracts, plugins
+from qsweep.benchmarks.base import BENCHMARKS, Benchmark
+from qsweep.engines.base import ENGINES, RESULT_NEUTRAL, Engine, EngineConfig, neutral, result_settings
+from qsweep.engines.served import FullDistribution, ScoresPrompt, ServedModel, Tokenizes
+from qsweep.methods.base import METHODS
+
+config.register()
+EVERY = [(registry.kind, name, plugin) for registry in plugins.registries() for name, plugin in registry.items()]
+
+
+@pytest.mark.parametrize("kind,name,plugin", EVERY, ids=[f"{k}:{n}" for k, n, _ in EVERY])
+def test_registered_plugin_meets_its_contract(kind, name, plugin):
+    assert contracts.problems(plugin) == []
+    assert type(plugin).name == name
+
+
+def test_each_plugin_has_its_own_schema_and_an_option_that_composes_to_it():
+    """One registration gives the schema; at least one YAML option of the group uses it."""
+    for registry in plugins.registries():
+        schemas = [plugin.Config for _, plugin in registry.items()]
+        assert len(schemas) == len(set(schemas)), f"two {registry.kind}s share a Config"
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        for registry in (METHODS, ENGINES):
+            used = {
+                type(plan_config(registry.group, option)).__name__ for option in cli.group_options(registry.group)
+            }
+            for name, plugin in registry.items():
+                assert plugin.Config.__name__ in used, f"no conf/{registry.group}/ option uses {name}_schema"
+        for name, _ in BENCHMARKS.items():
+            assert name in cli.group_options("benchmark"), f"conf/benchmark/{name}.yaml is missing"
+
+
+def plan_config(group: str, option: str):
+    from omegaconf import OmegaConf
+
+    overrides = [f"{group}={option}"] + (["model.path=/x"] if group == "model" else [])
+    return OmegaConf.to_object(compose("config", overrides=overrides)[group])
+
+
+def test_benchmark_container_and_schemas_come_from_the_registrations():
+    root = config.root_schema()
+    container = dataclasses.fields(root)[[f.name for f in dataclasses.fields(root)].index("benchmark")].type
+    assert [f.name for f in dataclasses.fields(container)] == [name for name, _ in BENCHMARKS.items()]
+
+
+def test_engine_capabilities_are_what_their_served_models_implement():
+    llamacpp, vllm = ENGINES.get("llamacpp"), ENGINES.get("vllm")
+    assert FullDistribution in llamacpp.capabilities() and FullDistribution not in vllm.capabilities()
+    assert {Tokenizes, ScoresPrompt} <= llamacpp.capabilities() & vllm.capabilities()
+    assert BENCHMARKS.get("kld").unmet(llamacpp.capabilities()) is None
+    assert BENCHMARKS.get("kld").unmet(vllm.capabilities()) is None
+    assert "ScoresPrompt" in BENCHMARKS.get("ppl").unmet(frozenset({Tokenizes}))
+
+
+def test_result_neutral_settings_are_marked_where_they_are_declared():
+    """What the hand-kept VOLATILE table listed is now field metadata; the baseline-results key of
+    each engine is exactly what it was with the table (so stored results stay valid)."""
+    volatile = {"host", "port", "startup_timeout_s", "request_timeout_s", "smoke_prompt", "smoke_max_tokens",
+                "fit_to_load", "parallel", "ctx_size", "max_num_seqs", "kv_cache_gb"}  # fmt: skip
+    for name in ("llamacpp", "vllm"):
+        cfg = ENGINES.get(name).Config()
+        neutral_fields = {f.name for f in dataclasses.fields(cfg) if f.metadata.get(RESULT_NEUTRAL)}
+        assert neutral_fields == volatile & {f.name for f in dataclasses.fields(cfg)}, name
+        assert set(result_settings(cfg)) == {f.name for f in dataclasses.fields(cfg)} - volatile
+
+
+def test_contract_check_catches_a_careless_engine():
+    @dataclasses.dataclass
+    class CarelessConfig(EngineConfig):
+        port: int = 8000  # redefined without neutral(): would split every result cache by port
+        threads: int = neutral(4)
+
+    class NotServed:
+        pass
+
+    class Careless(Engine):
+        Config = CarelessConfig
+        formats = ()
+        env = None
+        served_type = NotServed
+
+        def serve(self, cfg, artifact, ctx) -> AbstractContextManager[ServedModel]:
+            raise NotImplementedError
+
+    found = contracts.problems(Careless())
+    assert any("no name" in p for p in found) and any("docstring" in p for p in found)
+    assert any("formats" in p for p in found) and any("served_type" in p for p in found)
+    assert any("Config.port redefines a result-neutral setting" in p for p in found)
+
+
+def test_contract_check_catches_a_careless_benchmark():
+    @dataclasses.dataclass
+    class NeedsValue:
+        path: Path  # no default: `benchmark=[careless]` alone could never compose
+
+    class Careless(Benchmark):
+        """Counts things."""
+
+        Config = NeedsValue
+        requires = (Path,)
+
+        def run(self, cfg, served, ctx):
+            raise NotImplementedError
+
+    found = contracts.problems(Careless())
+    assert any("no capability protocol" in p for p in found)
+    assert any("every setting to have a default" in p for p in found)
+
+
+def test_a_registry_refuses_a_class_outside_its_kind_and_a_second_one_under_a_name():
+    with pytest.raises(TypeError, match="must subclass Method"):
+        METHODS.register("not-a-method")(object)
+    known = type(METHODS.get("gguf"))
+    with pytest.raises(ValueError, match="registered twice"):
+        METHODS.register("gguf")(type("Other", (known,), {}))
