@@ -21,16 +21,17 @@ REPO_MLRUNS = REPO / "mlruns"
 
 
 def run_cli(
-    *args: str, tmp: Path, timeout_s: float = 1800, fakes: bool = False
+    *args: str, tmp: Path, timeout_s: float = 1800, fakes: bool = False, mlruns: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m qsweep ARGS` with MLflow, caches and outputs under `tmp`; with `fakes`, the fake
-    plug-ins of tests/fakeplugins.py are loaded the way a third party's would be."""
+    """`python -m qsweep ARGS` with MLflow (unless `mlruns` says where), caches and outputs under
+    `tmp`; with `fakes`, the fake plug-ins of tests/fakeplugins.py are loaded the way a third
+    party's would be."""
     cmd = [
         sys.executable,
         "-m",
         "qsweep",
         *args,
-        f"paths.mlruns={tmp / 'mlruns'}",
+        f"paths.mlruns={mlruns or tmp / 'mlruns'}",
         f"paths.artifact_cache={tmp / 'cache'}",
         f"paths.outputs={tmp / 'outputs'}",
     ]

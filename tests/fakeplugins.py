@@ -125,7 +125,7 @@ def _http_server(cfg: FakeServeConfig, ctx: JobContext) -> Iterator[str]:
     if cfg.crash_on_start:
         raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
     server = ThreadingHTTPServer((cfg.host, cfg.port), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     ctx.log("server.log").write_text(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
     try:
@@ -196,7 +196,7 @@ class FakeApiEngine(_FakeEngine):
 class FakeBenchConfig:
     samples: int = 20
     concurrency: int = 3
-    fail: bool = False  # fails after the server started, as a crashed tool would
+    fail_below_bits: float = 0.0  # fails on artifacts of fewer bits per weight, as a crashed tool would
     sleep_s: float = 0.0  # time to send a signal in
 
 
@@ -215,9 +215,9 @@ class FakeBench(Benchmark):
         deadline = time.monotonic() + cfg.sleep_s
         while time.monotonic() < deadline:
             time.sleep(0.05)
-        if cfg.fail:
-            raise QsweepError("fake benchmark failed on purpose")
         bits = served.artifact.metrics.get("bits_per_weight", 16.0)
+        if bits < cfg.fail_below_bits:
+            raise QsweepError("fake benchmark failed on purpose")
         # Fewer bits, more wrong answers: sample i is right when i is below a bits-dependent share.
         right = math.ceil(cfg.samples * min(1.0, 0.5 + bits / 32))
         scores = {str(i): float(i < right and "Paris" in reply) for i in range(cfg.samples)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from conftest import run_cli
+from qsweep.envs import HOME_ENV_VAR
 
 CASES = [
     (["method=gptqq"], "unknown method 'gptqq'", "gguf-q4_k_m"),
@@ -39,14 +42,46 @@ CASES = [
     ),
     (["benchmark=[kld]", "benchmark.kld.n_ctx=511"], "even n_ctx", "benchmark.kld"),
     (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
-    (["benchmark=[perf]", "benchmark.ppl.n_ctx=128"], "benchmark.ppl.n_ctx is set", "add it to benchmark=[...]"),
-    (["benchmark=[ppl]", "benchmark.ppl.n_ctx=101"], "n_ctx=101 must be an even number >= 4", "benchmark.ppl"),
+    (
+        ["method=gguf-q4_k_m", "method.quant_type=???"],
+        "method.quant_type has no value",
+        "set method.quant_type=",
+    ),
+    (
+        ["benchmark=[perf]", "benchmark.ppl.n_ctx=128"],
+        "benchmark.ppl.n_ctx is set",
+        "add it to benchmark=[...]",
+    ),
+    (
+        ["benchmark=[ppl]", "benchmark.ppl.n_ctx=101"],
+        "n_ctx=101 must be an even number >= 4",
+        "benchmark.ppl",
+    ),
 ]
 
 
-@pytest.mark.parametrize("args,first,second", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_is_one_clear_line(args, first, second, tmp_path):
-    done = run_cli(*args, tmp=tmp_path, timeout_s=120)
+IDS = [" ".join(c[0]) for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case through the real CLI, two processes at a time (they time nothing), each with a
+    home, caches and MLflow store of its own: case id -> (process, its folder)."""
+    folders = {case: tmp_path_factory.mktemp("bad-input") for case in IDS}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
+
+        def run(case: str, args: list[str]):
+            return case, run_cli(*args, tmp=folders[case], timeout_s=120)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            done = dict(pool.map(lambda item: run(*item), zip(IDS, (c[0] for c in CASES), strict=True)))
+    return {case: (done[case], folders[case]) for case in IDS}
+
+
+@pytest.mark.parametrize("args,first,second", CASES, ids=IDS)
+def test_bad_input_is_one_clear_line(args, first, second, outcomes, request):
+    done, tmp_path = outcomes[request.node.callspec.id]
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr

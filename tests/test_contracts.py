@@ -17,7 +17,9 @@ from qsweep.engines.served import FullDistribution, ScoresPrompt, ServedModel, T
 from qsweep.methods.base import METHODS
 
 config.register()
-EVERY = [(registry.kind, name, plugin) for registry in plugins.registries() for name, plugin in registry.items()]
+EVERY = [
+    (registry.kind, name, plugin) for registry in plugins.registries() for name, plugin in registry.items()
+]
 
 
 @pytest.mark.parametrize("kind,name,plugin", EVERY, ids=[f"{k}:{n}" for k, n, _ in EVERY])
@@ -34,7 +36,8 @@ def test_each_plugin_has_its_own_schema_and_an_option_that_composes_to_it():
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         for registry in (METHODS, ENGINES):
             used = {
-                type(plan_config(registry.group, option)).__name__ for option in cli.group_options(registry.group)
+                type(plan_config(registry.group, option)).__name__
+                for option in cli.group_options(registry.group)
             }
             for name, plugin in registry.items():
                 assert plugin.Config.__name__ in used, f"no conf/{registry.group}/ option uses {name}_schema"

@@ -121,7 +121,7 @@ def test_background_child_is_killed_on_exception(tmp_path):
 
 def test_background_child_is_killed_even_if_it_ignores_sigterm(tmp_path):
     script = "trap '' TERM; sleep 300"
-    with procs.background(["sh", "-c", script], log_path=tmp_path / "log") as proc:
+    with procs.background(["sh", "-c", script], log_path=tmp_path / "log", grace_s=1) as proc:
         pid = proc.pid
         time.sleep(0.3)
     assert not _alive(pid)

@@ -68,7 +68,7 @@ def typed(cfg: DictConfig, section: str) -> Any:
     try:
         return OmegaConf.to_object(cfg[section])
     except MissingMandatoryValue as err:
-        key = f"{section}.{err.full_key}" if err.full_key else section
+        key = err.full_key or section  # already the full dotted key from the root
         raise QsweepError(f"{key} has no value: set {key}=...") from None
 
 

@@ -172,9 +172,11 @@ def background(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    grace_s: float = 10.0,
 ) -> Iterator[subprocess.Popen]:
     """A child in its own process group with output appended to `log_path`, killed with its whole
-    group on exit from the block (normal exit too: it also reaps grandchildren left behind)."""
+    group on exit from the block (normal exit too: it also reaps grandchildren left behind);
+    `grace_s` between SIGTERM and SIGKILL."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
@@ -195,4 +197,4 @@ def background(
         try:
             yield proc
         finally:
-            kill_group(proc)
+            kill_group(proc, grace_s)

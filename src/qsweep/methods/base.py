@@ -32,7 +32,7 @@ class Method(ABC):
 
     @abstractmethod
     def build(self, cfg: Any, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
-        """The artifact in format `fmt` (one of `formats`, the one the engine serves), built or
+        """The artifact in format `fmt` (always one of `formats`: the one the engine serves), built or
         taken from the cache; its metrics, params and logs are recorded on the job's run."""
 
 

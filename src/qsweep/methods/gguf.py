@@ -16,7 +16,6 @@ from omegaconf import MISSING
 from qsweep import envs, procs
 from qsweep.cache import CacheEntry
 from qsweep.context import Artifact, JobContext
-from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
 from qsweep.models import PreparedModel
 from qsweep.textdata import TextConfig, materialize, source_file
@@ -203,8 +202,6 @@ class GgufMethod(Method):
             source_file(cfg.imatrix_text)
 
     def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
-        if fmt != "gguf":
-            raise QsweepError(f"method {self.name} makes GGUF files; the engine wants {fmt}")
         return quantize(cfg, model, ctx)
 
 

@@ -88,8 +88,6 @@ class LlmCompressorMethod(Method):
         check(cfg)
 
     def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
-        if fmt != "hf":
-            raise QsweepError(f"method {self.name} makes transformers checkpoints; the engine wants {fmt}")
         return quantize(cfg, model, ctx)
 
 
