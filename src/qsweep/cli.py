@@ -135,12 +135,7 @@ def main() -> None:
         log.info("%d job(s) composed and checked", len(plans))
         for plan in plans:
             if plan.skip_reason:
-                log.info(
-                    "  will skip %s x %s: %s",
-                    plan.choices["method"],
-                    plan.choices["engine"],
-                    plan.skip_reason,
-                )
+                log.info("  will skip %s x %s: %s", plan.method_option, plan.engine_option, plan.skip_reason)
                 continue
             for name, why in plan.skipped_benchmarks.items():
                 log.info("  will skip benchmark %s in %s: %s", name, plan.name, why)

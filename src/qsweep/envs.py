@@ -373,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.console()
     envs_dir = default_envs_dir()
-    specs = stage_envs()
+    try:
+        specs = stage_envs()
+    except QsweepError as err:  # a third-party plug-in that does not load
+        print(f"qsweep: {err}", file=sys.stderr)
+        return 2
     names = args.names or list(specs)
     unknown = sorted(set(names) - set(specs))
     if unknown:

@@ -37,7 +37,9 @@ class JobPlan:
 
     name: str  # "smollm2-135m/gptq/vllm": the run's name, from the group choices
     choices: dict[str, str]  # Hydra's group choices, e.g. {"method": "gptq", ...}
-    model_name: str
+    model_name: str  # the model option, or a model.path checkpoint's folder name
+    method_option: str  # "gptq": the method's config option (its kind is `method.name`)
+    engine_option: str
     model: models.ModelConfig
     method: Method
     method_cfg: Any
@@ -125,6 +127,8 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         name=f"{model_name}/{method_option}/{engine_option}",
         choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
         model_name=model_name,
+        method_option=method_option,
+        engine_option=engine_option,
         model=model_cfg,
         method=method,
         method_cfg=method_cfg,

@@ -20,11 +20,12 @@ from typing import Any
 from qsweep import compat
 from qsweep.benchmarks.base import Benchmark
 from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
+from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.base import Engine, result_settings
 from qsweep.measure import StageClock, headline, serve_and_measure
 from qsweep.methods.baseline import BaselineMethod
 from qsweep.models import PreparedModel
+from qsweep.plan import JobPlan
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ def evaluate_baseline(
     serve_and_measure(engine, engine_cfg, artifact, benchmarks, sub, StageClock("baseline_"), on_result=keep)
 
 
-def compare_with_baseline(plan, model: PreparedModel, results: Mapping, ctx: JobContext) -> dict[str, float]:
+def compare_with_baseline(
+    plan: JobPlan, model: PreparedModel, results: Mapping[str, BenchmarkResult], ctx: JobContext
+) -> dict[str, float]:
     """The reference baseline stores its per-sample results; a quantized job compares its own with
     them, serving the baseline once itself where they are missing."""
     comparable = {name: result for name, result in results.items() if result.samples is not None}

@@ -1,8 +1,8 @@
 """MLflow layout: a parent run per multirun sweep, a child run per job, in a SQLite store under
 mlruns/ (absolute URI, since Hydra jobs may run from other directories) or a tracking server.
 
-A job records everything through one `JobRecorder`; the sweep's parent run is the callback's
-(`sweep.py`). Nothing else in qsweep calls MLflow.
+A job records everything through one `JobRecorder`; the sweep's parent run is recorded by the
+sweep callback (`sweep.py`). Nothing else in qsweep calls MLflow.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from qsweep import envs
 from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
 from qsweep.measure import Served
+from qsweep.plan import JobPlan
 
 log = logging.getLogger(__name__)
 # The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
@@ -172,7 +173,7 @@ class JobRecorder:
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
 
     @classmethod
-    def start(cls, cfg: DictConfig, plan, job_dir: Path, parent_id: str | None) -> JobRecorder:
+    def start(cls, cfg: DictConfig, plan: JobPlan, job_dir: Path, parent_id: str | None) -> JobRecorder:
         """Create the job's run (a child of the sweep's parent run, if any) with its settings."""
         client, experiment_id = client_for(cfg)
         tags = {
@@ -185,9 +186,8 @@ class JobRecorder:
             tags["mlflow.parentRunId"] = parent_id
         run_id = client.create_run(experiment_id, run_name=plan.name, tags=tags).info.run_id
         recorder = cls(client, run_id, parent_id)
-        names = {"model": plan.model_name, "method": plan.choices.get("method", plan.method.name),
-                 "engine": plan.choices.get("engine", plan.engine.name)}  # fmt: skip
-        log_params(client, run_id, run_params(cfg, plan.choices, {k: str(v) for k, v in names.items()}))
+        names = {"model": plan.model_name, "method": plan.method_option, "engine": plan.engine_option}
+        log_params(client, run_id, run_params(cfg, plan.choices, names))
         client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
         if plan.skipped_benchmarks and not plan.skip_reason:
             client.set_tag(run_id, "qsweep.skipped_benchmarks", "; ".join(

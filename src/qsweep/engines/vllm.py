@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +21,18 @@ from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 
 log = logging.getLogger(__name__)
+
+VLLM_SITE = Path(__file__).resolve().parents[1] / "stage_scripts" / "vllm_site"  # sitecustomize.py
+
+
+def is_fp8(checkpoint: Path) -> bool:
+    """An FP8 checkpoint (compressed-tensors float-quantized, or any config naming fp8)."""
+    try:
+        quantization = json.loads((checkpoint / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return False
+    text = json.dumps(quantization or {}).lower()
+    return "float-quantized" in text or "fp8" in text or "float8" in text
 
 
 @dataclass
@@ -153,6 +166,10 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
     extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if on == "cpu":
         extra_env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gb))
+        if is_fp8(artifact.path) and "amx_int8" in envs.cpu_flags():
+            # torch's FP8 matmul through oneDNN is its slow reference code on AMX CPUs: a 512-token
+            # chunk took over 5 minutes. stage_scripts/vllm_site turns oneDNN off in every process.
+            extra_env.update(QSWEEP_TORCH_MKLDNN="0", PYTHONPATH=str(VLLM_SITE))
     started = time.monotonic()
     log.info(
         "  starting vLLM (%s) on %s (max_model_len %s, max_num_seqs %s)",
