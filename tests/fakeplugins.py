@@ -27,11 +27,12 @@ from hydra.core.config_store import ConfigStore
 from qsweep import stats
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import Artifact, BenchmarkResult, JobContext
-from qsweep.engines.base import ENGINES, Engine, EngineConfig, neutral
+from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import ChatEndpoint, Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
 from qsweep.models import PreparedModel
+from qsweep.settings import neutral, speed_only
 
 VOCAB = 1000
 
@@ -80,6 +81,7 @@ class FakeQuant(Method):
             format="fake",
             path=entry.path / "model.json",
             cache_hit=entry.hit,
+            key=entry.manifest["key"],
             metrics={"artifact_size_mb": cfg.bits, "bits_per_weight": cfg.bits, "quantize_s": entry.build_s},
             params={"artifact.type": f"fake-{cfg.bits:g}bit"},
         )
@@ -90,7 +92,7 @@ class FakeQuant(Method):
 
 @dataclass
 class FakeServeConfig(EngineConfig):
-    slots: int = neutral(1)  # sized from the benchmarks' load, like llama-server's -np
+    slots: int = speed_only(1)  # sized from the benchmarks' load, like llama-server's -np
     crash_on_start: bool = False
 
 
@@ -197,7 +199,7 @@ class FakeBenchConfig:
     samples: int = 20
     concurrency: int = 3
     fail_below_bits: float = 0.0  # fails on artifacts of fewer bits per weight, as a crashed tool would
-    sleep_s: float = 0.0  # time to send a signal in
+    sleep_s: float = neutral(0.0)  # time to send a signal in; changes no result
 
 
 @BENCHMARKS.register("fakebench")

@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 
 from qsweep import cli, config, contracts, plugins
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
-from qsweep.engines.base import ENGINES, RESULT_NEUTRAL, Engine, EngineConfig, neutral, result_settings
+from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import FullDistribution, ScoresPrompt, ServedModel, Tokenizes
 from qsweep.methods.base import METHODS
+from qsweep.settings import NEUTRAL, SPEED_ONLY, neutral, result_settings
 
 config.register()
 EVERY = [
@@ -74,9 +75,14 @@ def test_result_neutral_settings_are_marked_where_they_are_declared():
                 "fit_to_load", "parallel", "ctx_size", "max_num_seqs", "kv_cache_gb"}  # fmt: skip
     for name in ("llamacpp", "vllm"):
         cfg = ENGINES.get(name).Config()
-        neutral_fields = {f.name for f in dataclasses.fields(cfg) if f.metadata.get(RESULT_NEUTRAL)}
-        assert neutral_fields == volatile & {f.name for f in dataclasses.fields(cfg)}, name
+        marked = {
+            f.name for f in dataclasses.fields(cfg) if f.metadata.get(NEUTRAL) or f.metadata.get(SPEED_ONLY)
+        }
+        assert marked == volatile & {f.name for f in dataclasses.fields(cfg)}, name
         assert set(result_settings(cfg)) == {f.name for f in dataclasses.fields(cfg)} - volatile
+        # a load test's key keeps what changes speed: slots, context, batch
+        speed = set(result_settings(cfg, timing=True)) - set(result_settings(cfg))
+        assert speed == {f.name for f in dataclasses.fields(cfg) if f.metadata.get(SPEED_ONLY)} != set()
 
 
 def test_contract_check_catches_a_careless_engine():

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from conftest import REAL_ENVS, run_cli
+from qsweep.benchmarks import perf
 from qsweep.envs import StageEnv
 
 pytestmark = pytest.mark.slow
@@ -72,17 +73,27 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
     assert by_method["gguf-q4_k_m"]["ppl"] > base and by_method["gguf-iq4_xs"]["ppl"] > base
     assert by_method["none"]["bits_per_weight"] > 15 > 7 > by_method["gguf-iq4_xs"]["bits_per_weight"]
 
-    # The same sweep again reuses every quantized file and measures the same perplexities.
-    again = run_cli("-m", *SMALL, PPL_ONLY, tmp=tmp_path)
+    # The same sweep again, with kld added (issue 10): every quantized file and every result is
+    # reused; each job starts its server once, to measure kld only (and the load test where the
+    # first one was measured on a busy machine, which is never reused).
+    first_runs = {r.data.params["method.name"]: r for r in children}
+    again = run_cli("-m", *SMALL, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024", tmp=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("starting llama-server") == 3
+    assert again.stdout.count("stage benchmark_kld ...") == 3 and "stage benchmark_ppl" not in again.stdout
     _, every = runs(tmp_path)
     second = [r for r in every if r.data.tags.get("qsweep.kind") == "job"][3:]
     assert len(second) == 3
     for run in second:
+        method = run.data.params["method.name"]
         assert run.data.tags["artifact.cache_hit"] == "true"
-        assert run.data.metrics["ppl"] == pytest.approx(
-            by_method[run.data.params["method.name"]]["ppl"], rel=1e-6
-        )
+        assert run.data.metrics["ppl"] == pytest.approx(by_method[method]["ppl"], rel=1e-6)
+        assert run.data.tags["qsweep.reused.ppl"] == first_runs[method].info.run_id
+        busy = by_method[method].get("perf_cpu_busy_before", 0.0) > perf.BUSY_NOTE_ABOVE
+        assert ("qsweep.reused.perf" in run.data.tags) == (not busy)
+        assert run.data.tags["qsweep.reused"] == "partly" and "qsweep.reused.kld" not in run.data.tags
+        if method != "none":
+            assert run.data.metrics["kld_mean"] > 0 and run.data.metrics["ppl_ratio"] > 1
 
 
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):

@@ -161,21 +161,36 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(tm
     assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
 
 
+def jobs_of(client, parent) -> list:
+    found = client.search_runs([parent.info.experiment_id])
+    return [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def start_sweep(tmp_path, store, model, *args: str) -> subprocess.Popen:
+    """A fake sweep in the background, its output merged and readable line by line."""
+    cmd = [
+        sys.executable, "-m", "qsweep", "-m", *args, "model=local", f"model.path={model}",
+        f"tracking.experiment={experiment(tmp_path)}", f"paths.mlruns={store}",
+        f"paths.artifact_cache={tmp_path / 'cache'}", f"paths.outputs={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=cli_env(fakes=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    for line in proc.stdout:
+        if text in line or time.monotonic() > deadline:
+            return
+
+
 def test_ctrl_c_mid_benchmark_is_handled_by_the_job(tmp_path, store, model):
     """SIGINT (SIGTERM takes the same path; tests/test_e2e.py sends it to a real sweep)."""
-    cmd = [
-        sys.executable, "-m", "qsweep", "-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
-        "benchmark.fakebench.sleep_s=60", "model=local", f"model.path={model}",
-        f"tracking.experiment={experiment(tmp_path)}", f"paths.mlruns={store}",
-        f"paths.outputs={tmp_path / 'outputs'}",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(fakes=True), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = start_sweep(tmp_path, store, model, "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
+                       "benchmark.fakebench.sleep_s=60")  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        for line in proc.stdout:
-            if "stage benchmark_fakebench ..." in line or time.monotonic() > deadline:
-                break
+        wait_for(proc, "stage benchmark_fakebench ...")
         time.sleep(0.3)  # inside the benchmark's 60 s
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
@@ -185,3 +200,47 @@ def test_ctrl_c_mid_benchmark_is_handled_by_the_job(tmp_path, store, model):
     assert "interrupted" in rest and "stage benchmark_fakebench:" in rest  # the stage ended in `finally`
     _, parents, jobs = runs(tmp_path, store)
     assert [r.info.status for r in jobs.values()] == ["KILLED"] and parents[0].info.status == "KILLED"
+
+
+def test_a_killed_sweep_is_marked_failed_and_its_rerun_measures_only_what_is_missing(tmp_path, store, model):
+    """SIGKILL the controller in a job's second benchmark: no `finally` runs, the runs stay RUNNING.
+    The next sweep on the same store marks them FAILED with the reason, reuses the first benchmark's
+    result (stored as soon as measured) and measures only the second."""
+    sweep = ("method=none", "engine=fake", "benchmark=[ppl,fakebench]", f"benchmark.ppl.text.path={TEXT}",
+             "benchmark.ppl.n_ctx=128", "benchmark.ppl.max_tokens=1024")  # fmt: skip
+    proc = start_sweep(tmp_path, store, model, *sweep, "benchmark.fakebench.sleep_s=60")
+    try:
+        wait_for(proc, "stage benchmark_fakebench ...")
+        time.sleep(0.3)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    _, parents, jobs = runs(tmp_path, store)
+    killed = jobs["fake-model/none/fake"]
+    assert killed.info.status == parents[0].info.status == "RUNNING" and "ppl" in killed.data.metrics
+
+    done = fake_sweep(tmp_path, store, model, "-m", *sweep)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "marked 2 abandoned run(s) FAILED" in done.stdout
+    assert "stage benchmark_fakebench ..." in done.stdout and "stage benchmark_ppl" not in done.stdout
+    client, parents, _ = runs(tmp_path, store)
+    old = client.get_run(killed.info.run_id)
+    assert old.info.status == "FAILED" and old.data.tags["qsweep.error"].startswith(
+        "abandoned: the qsweep process"
+    )
+    assert client.get_run(parents[0].info.run_id).info.status == "FAILED"
+    rerun = client.get_run(next(r for r in parents[1:]).info.run_id)
+    assert rerun.info.status == "FINISHED"
+    new = [
+        r
+        for r in client.search_runs([rerun.info.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == rerun.info.run_id
+    ]
+    (job,) = new
+    assert (
+        job.data.tags["qsweep.reused.ppl"] == killed.info.run_id
+        and "qsweep.reused.fakebench" not in job.data.tags
+    )
+    assert job.data.tags["qsweep.reused"] == "partly"
+    assert job.data.metrics["ppl"] == killed.data.metrics["ppl"] and "fake_score" in job.data.metrics

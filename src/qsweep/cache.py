@@ -61,35 +61,49 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 
 class ArtifactCache:
-    """Entries live at <root>/<kind>/<key>/ with a manifest written last."""
+    """Entries live at <root>/<kind>/<key>/ with a manifest written last.
 
-    def __init__(self, root: Path):
+    With `rebuild_before` (a time.time() value), entries built before then count as missing and are
+    rebuilt, replacing the old ones: how a sweep forces work (`rerun=[quantize]`) without
+    rebuilding, job after job, an entry it has already rebuilt."""
+
+    def __init__(self, root: Path, rebuild_before: float | None = None):
         self.root = Path(root)
+        self.rebuild_before = rebuild_before
 
     def lookup(self, kind: str, key_parts: dict) -> CacheEntry | None:
         """The entry for `key_parts` if it is cached, without building anything."""
         final = self.root / kind / content_key(key_parts)
         cached = self._read(final)
-        return CacheEntry(final, cached, hit=True) if cached is not None else None
+        return CacheEntry(final, cached, hit=True) if self._current(cached) else None
+
+    def _current(self, manifest: dict | None) -> bool:
+        if manifest is None:
+            return False
+        return self.rebuild_before is None or manifest.get("built_at_epoch", 0.0) >= self.rebuild_before
 
     def entry(
-        self, kind: str, key_parts: dict, build: Callable[[Path], dict | None], what: str
+        self,
+        kind: str,
+        key_parts: dict,
+        build: Callable[[Path], dict | None],
+        what: str,
+        replace: bool = False,
     ) -> CacheEntry:
-        """Return the entry for `key_parts`, running `build(tmp_dir)` first if it is not cached.
+        """Return the entry for `key_parts`, running `build(tmp_dir)` first if it is not cached
+        (or, with `replace`, always, replacing what was there).
 
         `build` writes its files into tmp_dir and may return extra manifest fields.
         """
         key = content_key(key_parts)
         final = self.root / kind / key
         cached = self._read(final)
-        if cached is not None:
+        if self._current(cached) and not replace:
             return CacheEntry(final, cached, hit=True)
         with _locked(self.root / kind / f"{key}.lock"):
             cached = self._read(final)  # another process may have built it while we waited
-            if cached is not None:
+            if self._current(cached) and not replace:
                 return CacheEntry(final, cached, hit=True)
-            if final.exists():  # a folder without a manifest is a leftover of a crash
-                shutil.rmtree(final)
             tmp = self.root / kind / f".tmp-{key}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -101,11 +115,17 @@ class ArtifactCache:
                     "key": key,
                     "key_parts": key_parts,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "built_at_epoch": time.time(),
                     "build_s": round(time.monotonic() - started, 2),
                     **extra,
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+                # An old entry, or a folder without a manifest left by a crash, makes way.
+                old = self.root / kind / f".old-{key}-{os.getpid()}"
+                if final.exists():
+                    os.replace(final, old)
                 os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise QsweepError(

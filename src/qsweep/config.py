@@ -55,6 +55,9 @@ class QsweepConfig:
     gates: GatesConfig = field(default_factory=GatesConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Work to redo although its results exist: `rerun=[all]`, `rerun=[quantize]` (the artifacts, and
+    # so every benchmark on them), or benchmark names (`rerun=[perf]`).
+    rerun: list[str] = field(default_factory=list)
 
 
 def root_schema() -> type:

@@ -41,6 +41,9 @@ class Artifact:
     format: str  # "gguf" (a file) or "hf" (a checkpoint directory)
     path: Path
     cache_hit: bool
+    # Its content key: everything it was built from (model, method settings, data, tool versions).
+    # Results measured on it are reused under it; None means never reuse them.
+    key: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)

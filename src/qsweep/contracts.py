@@ -10,10 +10,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from qsweep.benchmarks.base import Benchmark
-from qsweep.engines.base import RESULT_NEUTRAL, Engine, EngineConfig
+from qsweep.engines.base import Engine, EngineConfig
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.methods.base import Method
+from qsweep.settings import NEUTRAL
 
 FORMATS = ("gguf", "hf")  # artifact formats the built-in methods make and engines serve
 
@@ -69,9 +70,9 @@ def _engine(engine: Engine) -> list[str]:
         found.append("served_type must subclass ServedModel")
     if not issubclass(engine.Config, EngineConfig):
         return [*found, "Config must subclass EngineConfig (host, port, timeouts, smoke test, fit_to_load)"]
-    base_neutral = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata.get(RESULT_NEUTRAL)}
+    base_neutral = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata.get(NEUTRAL)}
     for f in dataclasses.fields(engine.Config):
-        if f.name in base_neutral and not f.metadata.get(RESULT_NEUTRAL):
+        if f.name in base_neutral and not f.metadata.get(NEUTRAL):
             found.append(f"Config.{f.name} redefines a result-neutral setting without `neutral(...)`")
     return found
 

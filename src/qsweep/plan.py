@@ -28,7 +28,8 @@ from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
 
 # Top-level config sections, converted to typed objects (a missing value fails here).
-SECTIONS = ("model", "method", "engine", "benchmark", "calibration", "gates", "paths", "tracking")
+SECTIONS = ("model", "method", "engine", "benchmark", "calibration", "gates", "paths", "tracking", "rerun")
+RERUN_STAGES = ("all", "quantize")  # besides benchmark names
 
 
 @dataclass
@@ -53,6 +54,13 @@ class JobPlan:
     fmt: str | None = None  # the artifact format the method makes for the engine
     skip_reason: str | None = None  # the pair cannot run: the job is recorded as skipped
     caveat: str | None = None  # the pair runs, but its figures need a note
+    rerun: frozenset[str] = frozenset()  # stages to redo although their results exist
+
+    def forces(self, stage: str) -> bool:
+        """Whether `stage` ("quantize" or a benchmark's name) is to be redone: named, or `all`, or
+        (for a benchmark) its artifact is being rebuilt."""
+        named = {stage, "all"} | ({"quantize"} if stage != "quantize" else set())
+        return bool(self.rerun & named)
 
     @property
     def is_reference_baseline(self) -> bool:
@@ -99,6 +107,11 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         str(choices.get("method", method.name)),
         str(choices.get("engine", engine.name)),
     )
+    rerun = frozenset(sections["rerun"])
+    unknown = sorted(rerun - set(RERUN_STAGES) - set(BENCHMARKS.names()))
+    if unknown:
+        choices = ", ".join([*RERUN_STAGES, *BENCHMARKS.names()])
+        raise QsweepError(f"rerun={unknown}: nothing by that name to redo; choose from {choices}")
     models.check(model_cfg, model_name)
     method.check(method_cfg)
     engine.check(engine_cfg)
@@ -142,4 +155,5 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         fmt=compat.serving_format(method, engine),
         skip_reason=compat.skip_reason(method_option, method, engine_option, engine, device),
         caveat=compat.caveat(method_option, engine, device),
+        rerun=rerun,
     )

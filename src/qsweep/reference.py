@@ -21,11 +21,12 @@ from qsweep import compat
 from qsweep.benchmarks.base import Benchmark
 from qsweep.cache import ArtifactCache
 from qsweep.context import BenchmarkResult, JobContext
-from qsweep.engines.base import Engine, result_settings
+from qsweep.engines.base import Engine
 from qsweep.measure import StageClock, headline, serve_and_measure
 from qsweep.methods.baseline import BaselineMethod
 from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan
+from qsweep.settings import result_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def key(
     model: PreparedModel, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
 ) -> dict:
     """Everything a baseline result depends on: the model, the engine's result settings (fields not
-    marked `neutral`) and environment, the benchmark and its settings."""
+    marked `neutral` or `speed_only`) and environment, the benchmark and its settings."""
     versions = ctx.stage_env(engine.env).package_versions() if engine.env else {}
     # `kind` was a config field when these keys were first written: kept so stored results stay valid.
     settings = {"kind": engine.name, **result_settings(engine_cfg)}
@@ -103,26 +104,55 @@ def evaluate_baseline(
     serve_and_measure(engine, engine_cfg, artifact, benchmarks, sub, StageClock("baseline_"), on_result=keep)
 
 
-def compare_with_baseline(
+def stamp(cache: ArtifactCache, parts: dict) -> str | None:
+    """Which stored baseline results these are (key and build time), or None if there are none:
+    a comparison made with them is reused only while they stay the same."""
+    entry = cache.lookup(KIND, parts)
+    return f"{entry.manifest['key']}@{entry.manifest['built_at']}" if entry else None
+
+
+def baseline_key(plan: JobPlan, model: PreparedModel, name: str, ctx: JobContext) -> dict:
+    """The key of the baseline's results that benchmark `name` of this job compares with."""
+    return key(model, plan.engine, plan.engine_cfg, name, plan.benchmarks[name][1], ctx)
+
+
+def keep(plan: JobPlan, model: PreparedModel, name: str, result: BenchmarkResult, ctx: JobContext) -> None:
+    """What a job does with a result's per-sample data once measured: the reference baseline keeps
+    it for every quantized job to compare with; any other job keeps it only until compared."""
+    if result.samples is None:
+        return
+    if plan.is_reference_baseline:
+        store(ctx.artifact_cache, baseline_key(plan, model, name, ctx), result.samples)
+    if plan.method.is_baseline:  # a baseline with other settings is not what others compare with
+        discard_files(result.samples)
+
+
+def compare(
+    plan: JobPlan, model: PreparedModel, name: str, result: BenchmarkResult, ctx: JobContext
+) -> tuple[dict[str, float], str] | None:
+    """A quantized job's result against the stored baseline results of the same benchmark and
+    settings: (metrics, stamp of the baseline results), or None while those are missing. The job's
+    own sample files are removed once compared."""
+    parts = baseline_key(plan, model, name, ctx)
+    base = load(ctx.artifact_cache, parts)
+    if base is None or result.samples is None:
+        return None
+    metrics = plan.benchmarks[name][0].compare(result.samples, base)
+    discard_files(result.samples)
+    if metrics:
+        log.info("  %s vs baseline: %s", name, headline(metrics))
+    return metrics, stamp(ctx.artifact_cache, parts)
+
+
+def evaluate_missing_baseline(
     plan: JobPlan, model: PreparedModel, results: Mapping[str, BenchmarkResult], ctx: JobContext
-) -> dict[str, float]:
-    """The reference baseline stores its per-sample results; a quantized job compares its own with
-    them, serving the baseline once itself where they are missing."""
-    comparable = {name: result for name, result in results.items() if result.samples is not None}
-    keys = {
-        name: key(model, plan.engine, plan.engine_cfg, name, plan.benchmarks[name][1], ctx)
-        for name in comparable
-    }
-    if plan.method.is_baseline:
-        for name, result in comparable.items():
-            if plan.is_reference_baseline:  # a baseline with other settings is not what others compare with
-                store(ctx.artifact_cache, keys[name], result.samples)
-            discard_files(result.samples)
-        return {}
+) -> None:
+    """Serve the baseline once and store its results for every benchmark in `results` that has none
+    stored yet (no baseline job in the sweep, or it runs later)."""
     missing = {
-        name: (keys[name], *plan.benchmarks[name])
-        for name in comparable
-        if load(ctx.artifact_cache, keys[name]) is None
+        name: (baseline_key(plan, model, name, ctx), *plan.benchmarks[name])
+        for name in results
+        if load(ctx.artifact_cache, baseline_key(plan, model, name, ctx)) is None
     }
     # The baseline in the form this engine serves, which need not be the quantized artifact's.
     fmt = compat.serving_format(BaselineMethod(), plan.engine)
@@ -130,12 +160,3 @@ def compare_with_baseline(
         ctx.note(f"engine {plan.engine.name} cannot serve the baseline: nothing to compare with")
     elif missing:
         evaluate_baseline(missing, model, fmt, plan.engine, plan.engine_cfg, ctx)
-    deltas: dict[str, float] = {}
-    for name, result in comparable.items():
-        base = load(ctx.artifact_cache, keys[name])
-        if base is not None:
-            deltas.update(plan.benchmarks[name][0].compare(result.samples, base))
-        discard_files(result.samples)
-    if deltas:
-        log.info("  vs baseline: %s", headline(deltas))
-    return deltas

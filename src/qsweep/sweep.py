@@ -57,8 +57,18 @@ class SweepCallback(Callback):
     """Opens the sweep's parent run before the first job, closes it after the last, and decides the
     exit code from the jobs' runs."""
 
+    def __getstate__(self) -> dict:
+        # Launchers (joblib, submitit) send the callbacks to their workers: the parent run's
+        # heartbeat thread stays in the controller.
+        return {k: v for k, v in self.__dict__.items() if k != "heartbeat"}
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        client, experiment_id = tracking.client_for(config)
+        close_abandoned(client, experiment_id)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client, experiment_id = tracking.client_for(config)
+        close_abandoned(client, experiment_id)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         run = client.create_run(
@@ -66,18 +76,22 @@ class SweepCallback(Callback):
             run_name=f"sweep {sweep_dir.name}",
             tags={
                 **tracking.environment_tags(),
+                **tracking.owner_tags(),
                 "qsweep.kind": "sweep",
                 "qsweep.sweep_dir": str(sweep_dir),
                 "qsweep.command": " ".join(config.hydra.overrides.task),
             },
         )
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+        self.heartbeat = tracking.Heartbeat(client, run.info.run_id)
         log.info("sweep %s: MLflow parent run %s", sweep_dir.name, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_id = parent_run_id(Path(config.hydra.sweep.dir))
         if run_id is None:
             return
+        if getattr(self, "heartbeat", None):
+            self.heartbeat.stop()
         client, experiment_id = tracking.client_for(config)
         children = client.search_runs(
             [experiment_id],
@@ -101,10 +115,22 @@ class SweepCallback(Callback):
             raise SweepFailed([outcome.name])
 
 
+def close_abandoned(client, experiment_id: str) -> None:
+    closed = tracking.close_abandoned_runs(client, experiment_id)
+    if closed:
+        log.warning(
+            "  marked %d abandoned run(s) FAILED (their qsweep was killed): %s",
+            len(closed),
+            ", ".join(closed),
+        )
+
+
 def summary_table(runs: list) -> str:
-    """The sweep's jobs, one line each, for the terminal. `ppl/base` is the perplexity ratio to the
+    """The sweep's jobs, one line each, for the terminal. `reused`: the run whose results a job took
+    instead of measuring (`partly` when it measured some). `ppl/base` is the perplexity ratio to the
     baseline, `~` when its 95% interval includes 1 (no evidence of a difference)."""
-    header = f"{'job':<40} {'status':<9} {'ppl':>9} {'ppl/base':>9} {'size MB':>8} {'bpw':>6}  out tok/s"
+    row = "{:<40} {:<9} {:<9} {:>9} {:>9} {:>8} {:>6}  {}"
+    header = row.format("job", "status", "reused", "ppl", "ppl/base", "size MB", "bpw", "out tok/s")
     lines = [header]
     for run in runs:
         m, tags = run.data.metrics, run.data.tags
@@ -121,10 +147,11 @@ def summary_table(runs: list) -> str:
         )
         speed = " ".join(f"c{c}:{value:.0f}" for c, value in levels) or "-"
         status = "SKIPPED" if "qsweep.skipped" in tags else run.info.status
+        reused = {"all": tags.get("qsweep.reused_from", "")[:8], "partly": "partly"}.get(
+            tags.get("qsweep.reused"), "-"
+        )
         note = f"  ({tags['qsweep.skipped']})" if status == "SKIPPED" else ""
         if "qsweep.gates_missed" in tags:
             note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
-        lines.append(
-            f"{run.info.run_name:<40} {status:<9} {ppl:>9} {ratio:>9} {size:>8} {bpw:>6}  {speed}{note}"
-        )
+        lines.append(row.format(run.info.run_name, status, reused, ppl, ratio, size, bpw, speed + note))
     return "\n".join(lines)

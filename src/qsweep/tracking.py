@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
 from qsweep.measure import Served
 from qsweep.plan import JobPlan
+from qsweep.results import StoredResult
 
 log = logging.getLogger(__name__)
 # The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
@@ -124,6 +126,78 @@ def stage_env_tags(env: envs.StageEnv, spec: envs.StageEnvSpec) -> dict[str, str
     return {f"env.{spec.name}.{pkg}": versions[pkg] for pkg in spec.key_packages if pkg in versions}
 
 
+# A run that the process on this host which made it no longer runs, or one on another host silent
+# for this long (its heartbeat tag comes every HEARTBEAT_S), was abandoned: a killed controller, a
+# lost node. The next sweep on the same store marks it FAILED.
+HEARTBEAT_S = 60.0
+ABANDONED_AFTER_S = 900.0
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), or None if there is none: with the pid,
+    it tells a live process from a later one that got the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process makes and keeps a run, to tell later whether it is still alive."""
+    return {
+        "qsweep.pid": str(os.getpid()),
+        "qsweep.process_start": _process_start(os.getpid()) or "",
+        "qsweep.heartbeat": str(int(time.time())),
+    }
+
+
+class Heartbeat:
+    """Updates a run's `qsweep.heartbeat` tag every HEARTBEAT_S from a daemon thread while it runs."""
+
+    def __init__(self, client, run_id: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(client, run_id), daemon=True)
+        self._thread.start()
+
+    def _beat(self, client, run_id: str) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                client.set_tag(run_id, "qsweep.heartbeat", str(int(time.time())))
+            except Exception:  # noqa: BLE001 - a missed beat is no failure; the next one may land
+                log.debug("heartbeat of run %s not recorded", run_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def close_abandoned_runs(client, experiment_id: str) -> list[str]:
+    """Mark FAILED, with the reason, the RUNNING qsweep runs of this experiment that nobody runs any
+    more; returns their names."""
+    host, now, closed = socket.gethostname(), time.time(), []
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
+    for run in running:
+        tags = run.data.tags
+        if "qsweep.pid" not in tags:
+            continue  # not made by a qsweep that says who keeps it
+        if tags.get("host") == host:
+            pid = int(tags["qsweep.pid"])
+            if _process_start(pid) == tags.get("qsweep.process_start"):
+                continue
+            why = f"abandoned: the qsweep process ({pid} on {host}) that ran it is gone (killed?)"
+        else:
+            beat = float(tags.get("qsweep.heartbeat") or 0)
+            if now - beat < ABANDONED_AFTER_S:
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(beat))
+            why = f"abandoned: no heartbeat from {tags.get('host')} since {since} (process or node lost)"
+        client.set_tag(run.info.run_id, "qsweep.error", why)
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_name)
+    return closed
+
+
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
@@ -171,6 +245,7 @@ class JobRecorder:
 
     def __init__(self, client, run_id: str, parent_id: str | None):
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
+        self.heartbeat = Heartbeat(client, run_id)
 
     @classmethod
     def start(cls, cfg: DictConfig, plan: JobPlan, job_dir: Path, parent_id: str | None) -> JobRecorder:
@@ -178,6 +253,7 @@ class JobRecorder:
         client, experiment_id = client_for(cfg)
         tags = {
             **environment_tags(),
+            **owner_tags(),
             "qsweep.kind": "job",
             "qsweep.job_dir": str(job_dir),
             **{f"choice.{k}": str(v) for k, v in plan.choices.items()},
@@ -197,6 +273,7 @@ class JobRecorder:
 
     def skipped(self, reason: str) -> None:
         """An unsupported method x engine pair: recorded as a finished run with its reason."""
+        self.heartbeat.stop()
         self.client.set_tag(self.run_id, "qsweep.skipped", reason)
         self.client.set_terminated(self.run_id, "FINISHED")
 
@@ -236,6 +313,19 @@ class JobRecorder:
     def result(self, result: BenchmarkResult) -> None:
         log_result(self.client, self.run_id, result)
 
+    def reused(self, name: str, stored: StoredResult, deltas: dict[str, float]) -> None:
+        """A benchmark's stored result standing in for a measurement: its metrics, curves and tables
+        logged again, its files left with the run that measured it (tag `qsweep.reused.<name>`)."""
+        log_result(self.client, self.run_id, stored.as_result())
+        log_metrics(self.client, self.run_id, deltas)
+        self.client.set_tag(self.run_id, f"qsweep.reused.{name}", stored.run_id)
+
+    def reuse_summary(self, reused: dict, benchmarks: int) -> None:
+        """Tags `qsweep.reused` (all / partly) and `qsweep.reused_from` (the measuring runs)."""
+        self.client.set_tag(self.run_id, "qsweep.reused", "all" if len(reused) == benchmarks else "partly")
+        sources = sorted({found.result.run_id for found in reused.values()})
+        self.client.set_tag(self.run_id, "qsweep.reused_from", ",".join(sources))
+
     def metrics(self, metrics: dict[str, float]) -> None:
         log_metrics(self.client, self.run_id, metrics)
 
@@ -253,6 +343,7 @@ class JobRecorder:
     ) -> None:
         """Attach timings, notes, the error and the job's log files, and close the run (and the
         sweep's parent when the job was killed); never let MLflow hide the job's own error."""
+        self.heartbeat.stop()
         try:
             log_metrics(self.client, self.run_id, timings)
             if error:

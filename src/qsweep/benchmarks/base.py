@@ -27,6 +27,9 @@ class Benchmark(ABC):
     requires: ClassVar[tuple[type, ...]] = ()
     # ...and at least one of these, if any are listed.
     requires_any: ClassVar[tuple[type, ...]] = ()
+    # It measures speed: its results also depend on the machine and the engine's speed-only
+    # settings, and are reused only on the same hardware and kernels (see `reusable`).
+    measures_time: ClassVar[bool] = False
 
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
@@ -34,6 +37,21 @@ class Benchmark(ABC):
     def load(self, cfg: Any) -> Load:
         """What it asks of the engine: the engine is sized for the largest load of a job's benchmarks."""
         return Load()
+
+    @property
+    def compares(self) -> bool:
+        """Whether it compares a job with the baseline (it overrides `compare`)."""
+        return type(self).compare is not Benchmark.compare
+
+    def data_key(self, cfg: Any, ctx: JobContext) -> dict:
+        """The content of the data it reads (a text's hash, a dataset file's), for the key its
+        results are reused under; settings are in the key already."""
+        return {}
+
+    def reusable(self, result: BenchmarkResult) -> bool:
+        """Whether a result may stand for this benchmark in later sweeps (no: a timing taken on a
+        busy machine)."""
+        return True
 
     def unmet(self, capabilities: frozenset[type]) -> str | None:
         """Why an engine with these capabilities cannot run it, or None."""

@@ -24,6 +24,7 @@ from qsweep.benchmarks.ppl import make_chunks
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import FullDistribution, Load, ServedModel, Tokenizes, TopKDistribution
 from qsweep.errors import QsweepError
+from qsweep.settings import neutral
 from qsweep.textdata import TextConfig, materialize, source_file
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Config:
     n_ctx: int = 512
     max_tokens: int = 2048  # token budget: max_tokens // n_ctx chunks; the second half of each scored
     top_k: int = 64
-    timeout_s: int = 3600
+    timeout_s: int = neutral(3600)
 
 
 @BENCHMARKS.register("kld")
@@ -53,6 +54,9 @@ class KlDivergence(Benchmark):
 
     def load(self, cfg: Config) -> Load:
         return Load(scored_tokens=cfg.n_ctx, top_logprobs=cfg.top_k)
+
+    def data_key(self, cfg: Config, ctx: JobContext) -> dict:
+        return {"text": materialize(cfg.text, ctx.artifact_cache)[1]}
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)

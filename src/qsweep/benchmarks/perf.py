@@ -23,6 +23,7 @@ from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import ChatEndpoint, Load, ServedModel
 from qsweep.errors import QsweepError
+from qsweep.settings import neutral
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Config:
     warmup_requests: int = 1  # sent before each timed level, not counted
     repeats: int = 1  # each level run this many times: mean and standard deviation
     stream: bool = True  # TTFT / ITL need streaming
-    timeout_s: int = 3600
+    timeout_s: int = neutral(3600)
 
 
 def _own_ticks() -> int:
@@ -131,6 +132,7 @@ class LoadTest(Benchmark):
     Config = Config
     env = envs.EVALSCOPE
     requires = (ChatEndpoint,)
+    measures_time = True
 
     def check(self, cfg: Config) -> None:
         if not cfg.concurrency or min(cfg.concurrency) < 1:
@@ -145,6 +147,10 @@ class LoadTest(Benchmark):
         return Load(
             concurrency=max(cfg.concurrency), tokens_per_request=cfg.input_tokens + cfg.output_tokens + 16
         )
+
+    def reusable(self, result: BenchmarkResult) -> bool:
+        """Not a load test measured while other work kept the CPUs busy (it got a note then)."""
+        return result.metrics.get("perf_cpu_busy_before", 0.0) <= BUSY_NOTE_ABOVE
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         """Every level of the load test, `repeats` times, through evalscope perf."""

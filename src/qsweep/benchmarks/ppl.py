@@ -17,6 +17,7 @@ from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import Load, ScoresPrompt, Tokenizes
 from qsweep.errors import QsweepError
+from qsweep.settings import neutral
 from qsweep.textdata import TextConfig, materialize, source_file
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     n_ctx: int = 512
     max_tokens: int = 8192  # token budget: max_tokens // n_ctx chunks
-    timeout_s: int = 3600
+    timeout_s: int = neutral(3600)
 
 
 def make_chunks(tokens: list[int], n_ctx: int, max_tokens: int, bos: int | None) -> list[list[int]]:
@@ -66,6 +67,9 @@ class Perplexity(Benchmark):
 
     def load(self, cfg: Config) -> Load:
         return Load(scored_tokens=cfg.n_ctx)
+
+    def data_key(self, cfg: Config, ctx: JobContext) -> dict:
+        return {"text": materialize(cfg.text, ctx.artifact_cache)[1]}
 
     def run(self, cfg: Config, served: Tokenizes | ScoresPrompt, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)

@@ -8,7 +8,6 @@ a README row. Nothing else needs to know about it.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -18,27 +17,14 @@ from qsweep.context import Artifact, JobContext
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.plugins import Registry
-
-# Field metadata marking a setting that does not change a result (where a server listens, how long
-# to wait, how many requests at once): left out of the key under which results are reused.
-RESULT_NEUTRAL = "qsweep.result_neutral"
-
-
-def neutral(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field that does not change results: `port: int = neutral(0)`."""
-    return field(default=default, default_factory=default_factory, metadata={RESULT_NEUTRAL: True})
-
-
-def result_settings(cfg: Any) -> dict[str, Any]:
-    """A config's settings that can change a result (every field not marked `neutral`)."""
-    return {
-        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get(RESULT_NEUTRAL)
-    }
+from qsweep.settings import neutral
 
 
 @dataclass
 class EngineConfig:
-    """Settings every engine has. A subclass that changes a default must keep it `neutral`."""
+    """Settings every engine has. A subclass that changes a default must keep its mark
+    (`neutral`, from qsweep.settings); mark its own settings `neutral` or `speed_only` where they
+    leave results unchanged."""
 
     host: str = neutral("127.0.0.1")
     port: int = neutral(0)  # 0: a free port

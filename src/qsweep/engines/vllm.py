@@ -16,9 +16,10 @@ from pathlib import Path
 from qsweep import envs, procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.base import ENGINES, Engine, EngineConfig, neutral
+from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
+from qsweep.settings import neutral, speed_only
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def is_fp8(checkpoint: Path) -> bool:
 class Config(EngineConfig):
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int = 1024
-    max_num_seqs: int = neutral(16)
-    kv_cache_gb: int = neutral(1)  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
+    max_num_seqs: int = speed_only(16)
+    kv_cache_gb: int = speed_only(1)  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
     gpu_memory_utilization: float = 0.9
     dtype: str = "auto"
     enforce_eager: bool = True  # CPU: skips a ~2 min torch.compile warm-up at every new shape

@@ -37,6 +37,7 @@ class BaselineMethod(Method):
                 format="hf",
                 path=model.path,
                 cache_hit=model.cache_hit,
+                key=f"checkpoint-{model.fingerprint}",
                 metrics={
                     "artifact_size_mb": stats["weight_bytes"] / 1e6,
                     "n_params": stats["n_params"],

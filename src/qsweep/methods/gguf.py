@@ -168,6 +168,7 @@ def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str, model:
         format="gguf",
         path=entry.path / entry.manifest["file"],
         cache_hit=entry.hit,
+        key=entry.manifest["key"],
         metrics={
             "artifact_size_mb": info["file_bytes"] / 1e6,
             "bits_per_weight": info["bits_per_weight"],

@@ -170,6 +170,7 @@ def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
         format="hf",
         path=checkpoint,
         cache_hit=entry.hit,
+        key=entry.manifest["key"],
         metrics={
             "artifact_size_mb": stats["weight_bytes"] / 1e6,
             "bits_per_weight": 8 * stats["weight_bytes"] / n_params,
