@@ -42,6 +42,7 @@ CASES = [
     ),
     (["benchmark=[kld]", "benchmark.kld.n_ctx=511"], "even n_ctx", "benchmark.kld"),
     (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
+    (["rerun=[quantise]"], "rerun=['quantise']: nothing by that name", "quantize"),
     (
         ["method=gguf-q4_k_m", "method.quant_type=???"],
         "method.quant_type has no value",

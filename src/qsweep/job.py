@@ -10,6 +10,7 @@ so the sweep goes on under any launcher; the sweep's exit code comes from the re
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from qsweep.errors import QsweepError
 from qsweep.measure import StageClock, serve_and_measure
 from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan, benchmark_order, plan_job
-from qsweep.sweep import JobOutcome, parent_run_id
+from qsweep.sweep import JobOutcome, parent_run_id, sweep_began
 from qsweep.tracking import JobRecorder
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,18 @@ def run_job(cfg: DictConfig) -> JobOutcome:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     with procs.stop_on_signals():
         plan = plan_job(cfg, hydra_cfg.runtime.choices, benchmark_order(list(hydra_cfg.overrides.task)))
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
+        # rerun=[quantize] rebuilds what was built before this sweep began, once per sweep.
+        began = sweep_began(Path(hydra_cfg.sweep.dir)) if multirun else time.time()
         ctx = JobContext(
-            artifact_cache=ArtifactCache(Path(cfg.paths.artifact_cache)),
+            artifact_cache=ArtifactCache(
+                Path(cfg.paths.artifact_cache), rebuild_before=began if plan.forces("quantize") else None
+            ),
             model_cache=ArtifactCache(Path(cfg.paths.model_cache)),
             log_dir=job_dir / "logs",
             envs_dir=Path(cfg.paths.envs).expanduser().resolve(),
         )
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
         record = JobRecorder.start(cfg, plan, job_dir, parent)
         if plan.skip_reason:  # an unsupported method x engine pair: recorded, not a failure
             record.skipped(plan.skip_reason)

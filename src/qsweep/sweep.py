@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ class SweepFailed(SystemExit):
 
     def __str__(self) -> str:
         return f"{len(self.failed)} job(s) failed: {', '.join(self.failed)}"
+
+
+def sweep_began(sweep_dir: Path) -> float:
+    """When the sweep began (its parent run was made), for every job of it under any launcher."""
+    try:
+        return (sweep_dir / PARENT_ID_FILE).stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def parent_run_id(sweep_dir: Path) -> str | None:
