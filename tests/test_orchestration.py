@@ -1,6 +1,10 @@
 """Whole sweeps through the real CLI, Hydra and MLflow in seconds, with the fake plug-ins of
 fakeplugins.py loaded the way a third party's are: pre-flight, skips, failures, baseline reuse and
-deltas, gates, the summary, the exit code, signals, and Hydra's joblib launcher."""
+deltas, gates, the summary, the exit code, signals, reuse of stored results, abandoned runs, and
+Hydra's joblib launcher.
+
+Each scenario runs its sweeps in a folder and MLflow store of its own; the scenarios run two at a
+time (they time nothing) before the tests check what they left."""
 
 from __future__ import annotations
 
@@ -8,62 +12,116 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import REPO, cli_env, run_cli
 from fakeplugins import write_fake_checkpoint
+from qsweep.envs import HOME_ENV_VAR
 
-# A tiny local checkpoint, a short local text, every job on the fake engines.
-TEXT = REPO / "README.md"
+TEXT = REPO / "README.md"  # a short local text for perplexity
+SHORT_PPL = [f"benchmark.ppl.text.path={TEXT}", "benchmark.ppl.n_ctx=128", "benchmark.ppl.max_tokens=1024"]
+
+
+@dataclass
+class Case:
+    """One scenario's folder, MLflow store and fake model."""
+
+    tmp: Path
+
+    @property
+    def store(self) -> Path:
+        return self.tmp / "mlruns"
+
+    def args(self, *args: str) -> list[str]:
+        with_ppl = any(a.startswith("benchmark=") and "ppl" in a for a in args)
+        model = write_fake_checkpoint(self.tmp / "fake-model")
+        return [*args, "model=local", f"model.path={model}", *(SHORT_PPL if with_ppl else [])]
+
+    def sweep(self, *args: str) -> subprocess.CompletedProcess:
+        return run_cli(*self.args(*args), tmp=self.tmp, timeout_s=120, fakes=True)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """A sweep in the background, its output merged and readable line by line."""
+        paths = [f"paths.{name}={self.tmp / folder}" for name, folder in
+                 (("mlruns", "mlruns"), ("artifact_cache", "cache"), ("outputs", "outputs"))]  # fmt: skip
+        cmd = [sys.executable, "-m", "qsweep", *self.args(*args), *paths]
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=cli_env(fakes=True),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def runs(self):
+        """The MLflow client, the sweeps' parent runs and the job runs by name (the latest of a name)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{self.store / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("qsweep")
+        every = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+        parents = [r for r in every if r.data.tags.get("qsweep.kind") == "sweep"]
+        jobs = {r.info.run_name: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
+        return client, parents, jobs
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    for line in proc.stdout:
+        if text in line or time.monotonic() > deadline:
+            return
+
+
+SCENARIOS: dict[str, Callable[[Case], Any]] = {}
+
+
+def scenario(run: Callable[[Case], Any]) -> Callable[[Case], Any]:
+    SCENARIOS[run.__name__] = run
+    return run
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """One MLflow store for the module (creating one costs a second); each test its own experiment."""
-    return tmp_path_factory.mktemp("mlruns")
+def outcomes(tmp_path_factory) -> dict[str, tuple[Case, Future]]:
+    cases = {name: Case(tmp_path_factory.mktemp(name)) for name in SCENARIOS}
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
+        patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
+        futures = {name: pool.submit(run, cases[name]) for name, run in SCENARIOS.items()}
+        for future in futures.values():
+            future.exception()  # wait for all, inside the patched environment
+    return {name: (cases[name], futures[name]) for name in SCENARIOS}
 
 
-@pytest.fixture
-def model(tmp_path):
-    return write_fake_checkpoint(tmp_path / "fake-model")
+def outcome(outcomes, name: str) -> tuple[Case, Any]:
+    case, future = outcomes[name]
+    return case, future.result()  # a scenario that raised fails its test here
 
 
-def experiment(tmp_path: Path) -> str:
-    return tmp_path.name  # unique per test
+# --- a sweep with skips, baseline reuse, deltas and gates; then a rerun of one benchmark -------
 
 
-def fake_sweep(tmp_path, store, model, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    common = ["model=local", f"model.path={model}", f"tracking.experiment={experiment(tmp_path)}"]
-    if any(a.startswith("benchmark=") and "ppl" in a for a in args):  # a short text, short chunks
-        common += [
-            f"benchmark.ppl.text.path={TEXT}",
-            "benchmark.ppl.n_ctx=128",
-            "benchmark.ppl.max_tokens=1024",
-        ]
-    return run_cli(*args, *common, tmp=tmp_path, timeout_s=timeout_s, fakes=True, mlruns=store)
+MAIN = ("-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi", "benchmark=[ppl,fakebench]",
+        "gates.ppl_ratio_max=1.2")  # fmt: skip
 
 
-def runs(tmp_path, store):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
-    found = client.get_experiment_by_name(experiment(tmp_path))
-    every = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
-    parents = [r for r in every if r.data.tags.get("qsweep.kind") == "sweep"]
-    jobs = {r.info.run_name: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
-    return client, parents, jobs
+@scenario
+def main_sweep(case: Case):
+    first = case.sweep(*MAIN)
+    _, _, jobs = case.runs()
+    return first, jobs, case.sweep(*MAIN, "rerun=[fakebench]")
 
 
-def test_sweep_skips_compares_gates_and_summarizes(tmp_path, store, model):
+def test_sweep_skips_compares_gates_and_summarizes(outcomes):
     """Six jobs. The 4-bit fake runs first, so it serves the baseline once itself for its
     comparison; the baseline job after it measures the same numbers independently; the 2-bit fake
     reuses the stored results. The API-only engine cannot serve fake artifacts nor score prompts."""
-    done = fake_sweep(
-        tmp_path, store, model, "-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi",
-        "benchmark=[ppl,fakebench]", "gates.ppl_ratio_max=1.2",
-    )  # fmt: skip
+    case, (done, jobs, _) = outcome(outcomes, "main_sweep")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "6 job(s) composed and checked" in out
@@ -73,8 +131,8 @@ def test_sweep_skips_compares_gates_and_summarizes(tmp_path, store, model):
     assert out.index("will skip benchmark ppl") < out.index("stage model")
     assert out.count("evaluating the baseline once for comparison: ppl, fakebench") == 1
 
-    client, parents, jobs = runs(tmp_path, store)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(jobs) == 6
+    client, parents, _ = case.runs()
+    assert len(jobs) == 6 and parents[0].info.status == "FINISHED"
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
     assert {n for n, r in jobs.items() if "qsweep.skipped" in r.data.tags} == {
         "fake-model/fake-q4/fakeapi",
@@ -97,49 +155,59 @@ def test_sweep_skips_compares_gates_and_summarizes(tmp_path, store, model):
     assert api_only.tags["qsweep.skipped_benchmarks"].startswith("ppl: engine fakeapi cannot run it")
     # the controller's own log of each job is attached to its run
     q4_run = jobs["fake-model/fake-q4/fake"].info.run_id
-    text = Path(client.download_artifacts(q4_run, "logs/qsweep.log", str(tmp_path))).read_text()
+    text = Path(client.download_artifacts(q4_run, "logs/qsweep.log", str(case.tmp))).read_text()
     assert "stage model" in text and "vs baseline: ppl_base=" in text and "fake-model/fake-q2" not in text
     # the summary: every job, skipped ones and missed gates said
     summary = out[out.index("sweep summary:") :]
     assert all(name in summary for name in jobs) and summary.count("SKIPPED") == 2
     assert "MISSED GATES: ppl_ratio" in summary
 
-    # Again, redoing one benchmark: every other result is reused, the named one measured anew.
-    again = fake_sweep(
-        tmp_path, store, model, "-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi",
-        "benchmark=[ppl,fakebench]", "gates.ppl_ratio_max=1.2", "rerun=[fakebench]",
-    )  # fmt: skip
+
+def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
+    case, (_, first, again) = outcome(outcomes, "main_sweep")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (
         again.stdout.count("stage benchmark_fakebench ...") == 4 and "stage benchmark_ppl" not in again.stdout
     )
-    _, _, second = runs(tmp_path, store)
+    _, parents, second = case.runs()
+    assert len(parents) == 2 and all(r.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
+                                     for r in second.values())  # fmt: skip
     for name in ("fake-model/fake-q4/fake", "fake-model/none/fake", "fake-model/fake-q2/fake"):
-        first, run = jobs[name].data, second[name].data
+        before, run = first[name].data, second[name].data
         assert (
-            run.tags["qsweep.reused.ppl"] == jobs[name].info.run_id
+            run.tags["qsweep.reused.ppl"] == first[name].info.run_id
             and "qsweep.reused.fakebench" not in run.tags
         )
+        assert run.tags["qsweep.reused"] == "partly"
         assert (
-            run.metrics["ppl"] == first.metrics["ppl"]
-            and run.metrics["fake_score"] == first.metrics["fake_score"]
+            run.metrics["ppl"] == before.metrics["ppl"]
+            and run.metrics["fake_score"] == before.metrics["fake_score"]
         )
     assert second["fake-model/fake-q2/fake"].data.tags["qsweep.gates_missed"].startswith("ppl_ratio 2.")
+    assert "partly" in again.stdout[again.stdout.index("sweep summary:") :]
 
 
-def test_failures_are_recorded_the_sweep_goes_on_and_the_exit_code_says_so(tmp_path, store, model):
+# --- failures ---------------------------------------------------------------------------------
+
+
+@scenario
+def failures(case: Case):
+    methods = "method=none,fake-broken,fake-q2,fake-q4"
+    return case.sweep(
+        "-m", methods, "engine=fake", "benchmark=[ppl,fakebench]", "benchmark.fakebench.fail_below_bits=3"
+    )
+
+
+def test_failures_are_recorded_the_sweep_goes_on_and_the_exit_code_says_so(outcomes):
     """A quantizer that fails, and a benchmark that fails after perplexity was measured (on the
     2-bit fake only): both jobs FAILED with their errors, the failed benchmark's job keeps the
     perplexity, the other jobs run, the parent run is FAILED and the exit code 1."""
-    done = fake_sweep(
-        tmp_path, store, model, "-m", "method=none,fake-broken,fake-q2,fake-q4", "engine=fake",
-        "benchmark=[ppl,fakebench]", "benchmark.fakebench.fail_below_bits=3",
-    )  # fmt: skip
+    case, done = outcome(outcomes, "failures")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last == "qsweep: 2 job(s) failed: fake-model/fake-broken/fake, fake-model/fake-q2/fake"
     assert "Traceback" not in done.stdout + done.stderr
-    _, parents, jobs = runs(tmp_path, store)
+    _, parents, jobs = case.runs()
     assert parents[0].info.status == "FAILED"
     statuses = {name: r.info.status for name, r in jobs.items()}
     assert statuses == {
@@ -155,27 +223,35 @@ def test_failures_are_recorded_the_sweep_goes_on_and_the_exit_code_says_so(tmp_p
     assert "fake_delta" in jobs["fake-model/fake-q4/fake"].data.metrics
 
 
-def test_a_single_job_whose_engine_cannot_start_fails_cleanly(tmp_path, store, model):
-    done = fake_sweep(tmp_path, store, model, "method=none", "engine=fake", "engine.crash_on_start=true",
-                      "benchmark=[fakebench]")  # fmt: skip
-    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
-        "qsweep: 1 job(s) failed: fake-model/none/fake"
-    )
-    _, parents, jobs = runs(tmp_path, store)
+@scenario
+def single_job_engine_crash(case: Case):
+    return case.sweep("method=none", "engine=fake", "engine.crash_on_start=true", "benchmark=[fakebench]")
+
+
+def test_a_single_job_whose_engine_cannot_start_fails_cleanly(outcomes):
+    case, done = outcome(outcomes, "single_job_engine_crash")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last == "qsweep: 1 job(s) failed: fake-model/none/fake"
+    _, parents, jobs = case.runs()
     assert parents == []  # a single job: no sweep run
     error = jobs["fake-model/none/fake"].data.tags["qsweep.error"]
     assert "fake server exited with code 1 while starting" in error
 
 
-def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(tmp_path, store, model):
-    done = fake_sweep(
-        tmp_path, store, model, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        "method=none,fake-broken,fake-q4", "engine=fake", "benchmark=[ppl,fakebench]",
-    )  # fmt: skip
+@scenario
+def joblib_launcher(case: Case):
+    launcher = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    return case.sweep(
+        "-m", *launcher, "method=none,fake-broken,fake-q4", "engine=fake", "benchmark=[ppl,fakebench]"
+    )
+
+
+def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(outcomes):
+    case, done = outcome(outcomes, "joblib_launcher")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Joblib.Parallel" in done.stdout  # the launcher really ran the jobs
     assert done.stderr.strip().splitlines()[-1] == "qsweep: 1 job(s) failed: fake-model/fake-broken/fake"
-    _, parents, jobs = runs(tmp_path, store)
+    _, parents, jobs = case.runs()
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert sorted(r.info.status for r in jobs.values()) == ["FAILED", "FINISHED", "FINISHED"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
@@ -183,34 +259,13 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(tm
     assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
 
 
-def jobs_of(client, parent) -> list:
-    found = client.search_runs([parent.info.experiment_id])
-    return [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+# --- signals ----------------------------------------------------------------------------------
 
 
-def start_sweep(tmp_path, store, model, *args: str) -> subprocess.Popen:
-    """A fake sweep in the background, its output merged and readable line by line."""
-    cmd = [
-        sys.executable, "-m", "qsweep", "-m", *args, "model=local", f"model.path={model}",
-        f"tracking.experiment={experiment(tmp_path)}", f"paths.mlruns={store}",
-        f"paths.artifact_cache={tmp_path / 'cache'}", f"paths.outputs={tmp_path / 'outputs'}",
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=cli_env(fakes=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def wait_for(proc: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    for line in proc.stdout:
-        if text in line or time.monotonic() > deadline:
-            return
-
-
-def test_ctrl_c_mid_benchmark_is_handled_by_the_job(tmp_path, store, model):
-    """SIGINT (SIGTERM takes the same path; tests/test_e2e.py sends it to a real sweep)."""
-    proc = start_sweep(tmp_path, store, model, "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
-                       "benchmark.fakebench.sleep_s=60")  # fmt: skip
+@scenario
+def ctrl_c(case: Case):
+    proc = case.start("-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
+                      "benchmark.fakebench.sleep_s=60")  # fmt: skip
     try:
         wait_for(proc, "stage benchmark_fakebench ...")
         time.sleep(0.3)  # inside the benchmark's 60 s
@@ -218,51 +273,54 @@ def test_ctrl_c_mid_benchmark_is_handled_by_the_job(tmp_path, store, model):
         rest, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, rest
+    return proc.returncode, rest
+
+
+def test_ctrl_c_mid_benchmark_is_handled_by_the_job(outcomes):
+    """SIGINT (SIGTERM takes the same path; tests/test_e2e.py sends it to a real sweep)."""
+    case, (returncode, rest) = outcome(outcomes, "ctrl_c")
+    assert returncode == 130, rest
     assert "interrupted" in rest and "stage benchmark_fakebench:" in rest  # the stage ended in `finally`
-    _, parents, jobs = runs(tmp_path, store)
+    _, parents, jobs = case.runs()
     assert [r.info.status for r in jobs.values()] == ["KILLED"] and parents[0].info.status == "KILLED"
 
 
-def test_a_killed_sweep_is_marked_failed_and_its_rerun_measures_only_what_is_missing(tmp_path, store, model):
-    """SIGKILL the controller in a job's second benchmark: no `finally` runs, the runs stay RUNNING.
-    The next sweep on the same store marks them FAILED with the reason, reuses the first benchmark's
-    result (stored as soon as measured) and measures only the second."""
-    sweep = ("method=none", "engine=fake", "benchmark=[ppl,fakebench]", f"benchmark.ppl.text.path={TEXT}",
-             "benchmark.ppl.n_ctx=128", "benchmark.ppl.max_tokens=1024")  # fmt: skip
-    proc = start_sweep(tmp_path, store, model, *sweep, "benchmark.fakebench.sleep_s=60")
+KILLED = ("-m", "method=none", "engine=fake", "benchmark=[ppl,fakebench]")
+
+
+@scenario
+def killed_and_rerun(case: Case):
+    proc = case.start(*KILLED, "benchmark.fakebench.sleep_s=60")
     try:
         wait_for(proc, "stage benchmark_fakebench ...")
         time.sleep(0.3)
-        proc.kill()
+        proc.kill()  # SIGKILL: no `finally` runs
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    _, parents, jobs = runs(tmp_path, store)
-    killed = jobs["fake-model/none/fake"]
-    assert killed.info.status == parents[0].info.status == "RUNNING" and "ppl" in killed.data.metrics
+    _, parents, jobs = case.runs()
+    return parents[0], jobs["fake-model/none/fake"], case.sweep(*KILLED)
 
-    done = fake_sweep(tmp_path, store, model, "-m", *sweep)
+
+def test_a_killed_sweep_is_marked_failed_and_its_rerun_measures_only_what_is_missing(outcomes):
+    """SIGKILL the controller in a job's second benchmark: the runs stay RUNNING. The next sweep on
+    the same store marks them FAILED with the reason, reuses the first benchmark's result (stored as
+    soon as measured) and measures only the second."""
+    case, (parent, killed, done) = outcome(outcomes, "killed_and_rerun")
+    assert killed.info.status == parent.info.status == "RUNNING" and "ppl" in killed.data.metrics
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "marked 2 abandoned run(s) FAILED" in done.stdout
     assert "stage benchmark_fakebench ..." in done.stdout and "stage benchmark_ppl" not in done.stdout
-    client, parents, _ = runs(tmp_path, store)
+    client, parents, jobs = case.runs()
     old = client.get_run(killed.info.run_id)
     assert old.info.status == "FAILED" and old.data.tags["qsweep.error"].startswith(
         "abandoned: the qsweep process"
     )
-    assert client.get_run(parents[0].info.run_id).info.status == "FAILED"
-    rerun = client.get_run(next(r for r in parents[1:]).info.run_id)
-    assert rerun.info.status == "FINISHED"
-    new = [
-        r
-        for r in client.search_runs([rerun.info.experiment_id])
-        if r.data.tags.get("mlflow.parentRunId") == rerun.info.run_id
-    ]
-    (job,) = new
+    assert client.get_run(parent.info.run_id).info.status == "FAILED" and parents[1].info.status == "FINISHED"
+    job = jobs["fake-model/none/fake"]
+    assert job.info.status == "FINISHED" and job.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
     assert (
         job.data.tags["qsweep.reused.ppl"] == killed.info.run_id
         and "qsweep.reused.fakebench" not in job.data.tags
     )
-    assert job.data.tags["qsweep.reused"] == "partly"
     assert job.data.metrics["ppl"] == killed.data.metrics["ppl"] and "fake_score" in job.data.metrics
