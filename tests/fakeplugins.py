@@ -26,11 +26,12 @@ from hydra.core.config_store import ConfigStore
 
 from qsweep import stats
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
+from qsweep.cache import content_key
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import ChatEndpoint, Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
-from qsweep.methods.base import METHODS, Method
+from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import PreparedModel
 from qsweep.settings import neutral, speed_only
 
@@ -66,6 +67,12 @@ class FakeQuant(Method):
     def check(self, cfg: FakeQuantConfig) -> None:
         if cfg.noise < 0:
             raise QsweepError(f"method.noise={cfg.noise} must be >= 0: fix method.noise")
+
+    def plan(
+        self, cfg: FakeQuantConfig, model_fingerprint: str, fmt: str, ctx: JobContext
+    ) -> PlannedArtifact:
+        key = content_key({"model": model_fingerprint, "noise": cfg.noise, "bits": cfg.bits})
+        return PlannedArtifact(key, [planned_step("fake quantized model", "fake-quantized", key, ctx)])
 
     def build(self, cfg: FakeQuantConfig, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
         if cfg.fail:

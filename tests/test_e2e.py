@@ -77,6 +77,12 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
     # reused; each job starts its server once, to measure kld only (and the load test where the
     # first one was measured on a busy machine, which is never reused).
     first_runs = {r.data.params["method.name"]: r for r in children}
+    plan = run_cli("-m", *SMALL, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024", "dry_run=true",
+                   tmp=tmp_path)  # fmt: skip
+    assert plan.returncode == 0 and "3 job(s): 3 run" in plan.stdout, plan.stdout[-3000:]
+    for method, run in first_runs.items():
+        assert f"ppl: reused from run {run.info.run_id}" in plan.stdout, method
+    assert plan.stdout.count("kld: to measure") == 3
     again = run_cli("-m", *SMALL, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024", tmp=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("starting llama-server") == 3

@@ -8,6 +8,7 @@ time (they time nothing) before the tests check what they left."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,17 @@ def main_sweep(case: Case):
     return first, jobs, case.sweep(*MAIN, "rerun=[fakebench]")
 
 
+@scenario
+def dry_runs(case: Case):
+    before = case.sweep(*MAIN, "dry_run=true")
+    recorded_before = case.store.exists() or (case.tmp / "cache").exists()
+    case.sweep(*MAIN)
+    _, _, jobs = case.runs()
+    after = case.sweep(*MAIN, "dry_run=true")
+    rerun = case.sweep(*MAIN, "dry_run=true", "rerun=[fakebench]")
+    return before, recorded_before, jobs, after, rerun
+
+
 def test_sweep_skips_compares_gates_and_summarizes(outcomes):
     """Six jobs. The 4-bit fake runs first, so it serves the baseline once itself for its
     comparison; the baseline job after it measures the same numbers independently; the 2-bit fake
@@ -185,6 +197,32 @@ def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
         )
     assert second["fake-model/fake-q2/fake"].data.tags["qsweep.gates_missed"].startswith("ppl_ratio 2.")
     assert "partly" in again.stdout[again.stdout.index("sweep summary:") :]
+
+
+def test_dry_runs_say_what_would_be_built_reused_or_measured_and_record_nothing(outcomes):
+    case, (before, recorded_before, jobs, after, rerun) = outcome(outcomes, "dry_runs")
+    for done in (before, after, rerun):
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # before anything ran: everything to build and measure, nothing to estimate from, nothing written
+    assert not recorded_before
+    assert "fake-model/fake-q4/fake: run, no estimate" in before.stdout
+    assert (
+        "fake quantized model: to build" in before.stdout
+        and "ppl: to measure; fakebench: to measure" in before.stdout
+    )
+    assert "fake-model/fake-q4/fakeapi: skip" in before.stdout
+    assert "ppl: skipped (engine fakeapi cannot run it" in before.stdout
+    assert "6 job(s): 4 run, 2 skip" in before.stdout
+    # after the sweep: every job would be reused, each from the run that measured it
+    q4 = jobs["fake-model/fake-q4/fake"].info.run_id
+    assert "fake-model/fake-q4/fake: reuse" in after.stdout and "fake quantized model: cached" in after.stdout
+    assert f"ppl: reused from run {q4}; fakebench: reused from run {q4}" in after.stdout
+    assert "6 job(s): 4 reuse, 2 skip" in after.stdout
+    # redoing one benchmark: the jobs run, for as long as that benchmark and a server start took
+    assert re.search(r"fake-model/fake-q4/fake: run, about \d+ s", rerun.stdout), rerun.stdout
+    assert f"ppl: reused from run {q4}; fakebench: to measure" in rerun.stdout
+    client, parents, _ = case.runs()
+    assert len(client.search_runs([parents[0].info.experiment_id])) == 1 + 6  # the dry runs made none
 
 
 # --- failures ---------------------------------------------------------------------------------

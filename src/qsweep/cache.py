@@ -73,7 +73,11 @@ class ArtifactCache:
 
     def lookup(self, kind: str, key_parts: dict) -> CacheEntry | None:
         """The entry for `key_parts` if it is cached, without building anything."""
-        final = self.root / kind / content_key(key_parts)
+        return self.lookup_key(kind, content_key(key_parts))
+
+    def lookup_key(self, kind: str, key: str) -> CacheEntry | None:
+        """The entry of content key `key` (`content_key` of its parts) if it is cached."""
+        final = self.root / kind / key
         cached = self._read(final)
         return CacheEntry(final, cached, hit=True) if self._current(cached) else None
 

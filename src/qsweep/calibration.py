@@ -10,15 +10,17 @@ quantized artifact's cache key:
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from qsweep import textdata
 from qsweep.cache import ArtifactCache, file_sha256
 from qsweep.errors import QsweepError
-from qsweep.textdata import TextConfig, materialize, source_file
+from qsweep.textdata import TextConfig, read_slice, source_file
 
 
 class CalibrationSource(Enum):
@@ -133,13 +135,9 @@ def text_samples(text: str, num_samples: int, seq_len: int) -> list[str]:
     return samples
 
 
-def calibration_file(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[Path, str]:
-    """The calibration JSONL (built once per settings) and its content hash."""
-    if cal.source is CalibrationSource.jsonl:
-        if not cal.path or not Path(cal.path).expanduser().is_file():
-            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
-        path = Path(cal.path).expanduser().resolve()
-        return path, file_sha256(path)
+def _key_and_content(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[dict, Callable[[], str]]:
+    """The cache key of the calibration JSONL made from `cal` (a text or chat source), and a way
+    to make its content; reads sources, writes nothing."""
     if cal.source is CalibrationSource.chat:
         source = source_file(cal.chat)
         key = {"chat": file_sha256(source), "skip": cal.skip_conversations, "num_samples": cal.num_samples}
@@ -149,25 +147,53 @@ def calibration_file(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[Path
             return [{"messages": messages} for messages in found]
 
     else:
-        text, text_sha = materialize(cal.text, cache)
-        key = {"text": text_sha, "num_samples": cal.num_samples, "seq_len": cal.seq_len}
+        key = {
+            "text": textdata.content_sha(cal.text, cache),
+            "num_samples": cal.num_samples,
+            "seq_len": cal.seq_len,
+        }
 
         def rows() -> list[dict]:
-            samples = text_samples(text.read_text(encoding="utf-8"), cal.num_samples, cal.seq_len)
+            samples = text_samples(read_slice(cal.text), cal.num_samples, cal.seq_len)
             return [{"text": sample} for sample in samples]
 
-    def build(tmp: Path) -> dict:
+    def content() -> str:
         found = rows()
         if len(found) < cal.num_samples:
             raise QsweepError(
                 f"calibration {cal.source.value} data gives {len(found)} samples, fewer than "
                 f"num_samples={cal.num_samples}: lower calibration.num_samples"
             )
-        with open(tmp / "calibration.jsonl", "w", encoding="utf-8") as f:
-            for row in found:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return {"samples": len(found)}
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in found)
+
+    return key, content
+
+
+def calibration_file(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[Path, str]:
+    """The calibration JSONL (built once per settings) and its content hash."""
+    if cal.source is CalibrationSource.jsonl:
+        if not cal.path or not Path(cal.path).expanduser().is_file():
+            raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
+        path = Path(cal.path).expanduser().resolve()
+        return path, file_sha256(path)
+    key, content = _key_and_content(cal, cache)
+
+    def build(tmp: Path) -> dict:
+        text = content()
+        (tmp / "calibration.jsonl").write_text(text, encoding="utf-8")
+        return {"samples": text.count("\n")}
 
     entry = cache.entry("calibration", key, build, what=f"calibration samples ({cal.source.value})")
     path = entry.path / "calibration.jsonl"
     return path, file_sha256(path)
+
+
+def content_sha(cal: CalibrationConfig, cache: ArtifactCache) -> str:
+    """The hash `calibration_file` gives, without writing anything (for a dry run)."""
+    if cal.source is CalibrationSource.jsonl:
+        return calibration_file(cal, cache)[1]
+    key, content = _key_and_content(cal, cache)
+    entry = cache.lookup("calibration", key)
+    if entry is not None:
+        return file_sha256(entry.path / "calibration.jsonl")
+    return hashlib.sha256(content().encode("utf-8")).hexdigest()

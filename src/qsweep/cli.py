@@ -10,6 +10,8 @@ import logging
 import re
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -17,7 +19,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qsweep import config, job, logs
+from qsweep import config, dryrun, job, logs
 from qsweep.errors import QsweepError
 from qsweep.plan import JobPlan, benchmark_order, plan_job
 from qsweep.sweep import SweepFailed
@@ -108,6 +110,23 @@ def _unselected(overrides: list[str]) -> str:
     return f"cannot apply the overrides {' '.join(overrides)}: a key sits under a setting that is null"
 
 
+def cannot_run_here(plans: list[JobPlan]) -> str | None:
+    """One line saying which jobs this machine cannot run and why (no hub, no GPU), or None."""
+    blocked: dict[str, list[str]] = {}
+    for plan in plans:
+        if plan.skip_reason:
+            continue
+        for reason in plan.unavailable(plan.context(Path(tempfile.gettempdir()))):
+            blocked.setdefault(reason, []).append(plan.name)
+    if not blocked:
+        return None
+    jobs = len({name for names in blocked.values() for name in names})
+    return (
+        f"{jobs} job(s) cannot run on this machine: {'; '.join(blocked)}: run it where they can, or pass "
+        "model.path=/local/copy and device=cpu (dry_run=true shows the plan)"
+    )
+
+
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> job.JobOutcome:
     return job.run_job(cfg)
@@ -133,6 +152,14 @@ def main() -> None:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
         log.info("%d job(s) composed and checked", len(plans))
+        if plans and plans[0].dry_run:
+            for line in dryrun.report(plans):
+                log.info(line)
+            return
+        reasons = cannot_run_here(plans)
+        if reasons:
+            print(f"qsweep: {reasons}", file=sys.stderr)
+            sys.exit(2)
         for plan in plans:
             if plan.skip_reason:
                 log.info("  will skip %s x %s: %s", plan.method_option, plan.engine_option, plan.skip_reason)

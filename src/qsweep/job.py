@@ -19,7 +19,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qsweep import gates, models, procs, reference, results
-from qsweep.cache import ArtifactCache
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import StageClock, serve_and_measure
@@ -41,14 +40,7 @@ def run_job(cfg: DictConfig) -> JobOutcome:
         parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
         # rerun=[quantize] rebuilds what was built before this sweep began, once per sweep.
         began = sweep_began(Path(hydra_cfg.sweep.dir)) if multirun else time.time()
-        ctx = JobContext(
-            artifact_cache=ArtifactCache(
-                Path(cfg.paths.artifact_cache), rebuild_before=began if plan.forces("quantize") else None
-            ),
-            model_cache=ArtifactCache(Path(cfg.paths.model_cache)),
-            log_dir=job_dir / "logs",
-            envs_dir=Path(cfg.paths.envs).expanduser().resolve(),
-        )
+        ctx = plan.context(job_dir / "logs", rebuild_before=began if plan.forces("quantize") else None)
         record = JobRecorder.start(cfg, plan, job_dir, parent)
         if plan.skip_reason:  # an unsupported method x engine pair: recorded, not a failure
             record.skipped(plan.skip_reason)
@@ -104,8 +96,8 @@ def measure(
 ) -> dict[str, float]:
     """The benchmarks' results: those that exist are reused, the others measured on one server
     start (none if every result exists) and compared with the baseline. Returns every metric."""
-    keys = {name: results.key(plan, artifact, name, ctx) for name in plan.benchmarks}
-    reused = results.find_reusable(plan, model, keys, ctx)
+    keys = {name: results.key(plan, artifact.key, name, ctx) for name in plan.benchmarks}
+    reused = results.find_reusable(plan, model.fingerprint, keys, ctx)
     measured: dict[str, float] = {}
     for name, found in reused.items():
         record.reused(name, found.result, found.deltas)

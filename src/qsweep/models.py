@@ -8,9 +8,13 @@ config option (`model=smollm2-135m`), or after its folder when `model.path` is g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -111,6 +115,53 @@ def dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:20]
 
 
+def _cache_key(cfg: ModelConfig, ctx: JobContext) -> dict:
+    """The model cache key of a model qsweep prepares (a PyPI GGUF, a hub repository)."""
+    if cfg.source is ModelSource.pypi_gguf:
+        assert cfg.package and cfg.gguf_file
+        return {
+            "source": "pypi_gguf",
+            "package": cfg.package,
+            "version": importlib.metadata.version(cfg.package),
+            "file": cfg.gguf_file,
+            "sha256": file_sha256(package_file(cfg.package, cfg.gguf_file)),
+            "dtype": cfg.dtype,
+            "transformers": ctx.stage_env(PREPARE_ENV).package_versions().get("transformers", "unknown"),
+        }
+    return {"source": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
+
+
+def identify(cfg: ModelConfig, ctx: JobContext) -> tuple[str, bool]:
+    """The fingerprint `prepare` would give the model, and whether it is prepared already; without
+    preparing or writing anything (for a dry run)."""
+    if cfg.path:
+        return dir_fingerprint(Path(cfg.path).expanduser().resolve()), True
+    key = _cache_key(cfg, ctx)
+    return content_key(key), ctx.model_cache.lookup("models", key) is not None
+
+
+def unavailable(cfg: ModelConfig, ctx: JobContext) -> str | None:
+    """Why this machine cannot get the model, or None: a hub model not prepared yet, with no hub."""
+    if cfg.path or cfg.source is not ModelSource.hub or identify(cfg, ctx)[1]:
+        return None
+    return (
+        None if hub_reachable() else f"{cfg.hub_id} is not prepared and the Hugging Face hub is not reachable"
+    )
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers on its port (HF_HUB_OFFLINE=1 says no)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
     """The checkpoint directory for `cfg` (named `name`), built into `ctx.model_cache` if needed."""
     check(cfg, name)
@@ -120,18 +171,10 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
     env = ctx.stage_env(PREPARE_ENV)
     env.require()
     prepare_log = ctx.log("model_prepare.log")
+    key = _cache_key(cfg, ctx)
     if cfg.source is ModelSource.pypi_gguf:
         assert cfg.package and cfg.gguf_file
         gguf = package_file(cfg.package, cfg.gguf_file)
-        key = {
-            "source": "pypi_gguf",
-            "package": cfg.package,
-            "version": importlib.metadata.version(cfg.package),
-            "file": cfg.gguf_file,
-            "sha256": file_sha256(gguf),
-            "dtype": cfg.dtype,
-            "transformers": env.package_versions().get("transformers", "unknown"),
-        }
 
         def build(tmp: Path) -> dict:
             procs.run(
@@ -145,7 +188,6 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
 
     else:
         assert cfg.hub_id
-        key = {"source": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
 
         def build(tmp: Path) -> dict:
             try:

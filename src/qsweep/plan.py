@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
@@ -21,6 +22,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from qsweep import compat, gates, models
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
+from qsweep.cache import ArtifactCache
+from qsweep.context import JobContext
 from qsweep.engines.base import ENGINES, Engine
 from qsweep.engines.served import Load
 from qsweep.envs import StageEnvSpec
@@ -28,7 +31,18 @@ from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
 
 # Top-level config sections, converted to typed objects (a missing value fails here).
-SECTIONS = ("model", "method", "engine", "benchmark", "calibration", "gates", "paths", "tracking", "rerun")
+SECTIONS = (
+    "model",
+    "method",
+    "engine",
+    "benchmark",
+    "calibration",
+    "gates",
+    "paths",
+    "tracking",
+    "rerun",
+    "dry_run",
+)
 RERUN_STAGES = ("all", "quantize")  # besides benchmark names
 
 
@@ -55,6 +69,23 @@ class JobPlan:
     skip_reason: str | None = None  # the pair cannot run: the job is recorded as skipped
     caveat: str | None = None  # the pair runs, but its figures need a note
     rerun: frozenset[str] = frozenset()  # stages to redo although their results exist
+    paths: Any = None  # where caches, environments and outputs are (PathsConfig)
+    tracking: Any = None  # the MLflow store (TrackingConfig)
+    dry_run: bool = False
+
+    def context(self, log_dir: Path, rebuild_before: float | None = None) -> JobContext:
+        """A JobContext on this job's caches and stage environments."""
+        return JobContext(
+            artifact_cache=ArtifactCache(Path(self.paths.artifact_cache), rebuild_before=rebuild_before),
+            model_cache=ArtifactCache(Path(self.paths.model_cache)),
+            log_dir=log_dir,
+            envs_dir=Path(self.paths.envs).expanduser().resolve(),
+        )
+
+    def unavailable(self, ctx: JobContext) -> list[str]:
+        """Why this machine cannot run the job (no hub for the model, no GPU), if it cannot."""
+        reasons = [models.unavailable(self.model, ctx), self.engine.unavailable(self.engine_cfg)]
+        return [reason for reason in reasons if reason]
 
     def forces(self, stage: str) -> bool:
         """Whether `stage` ("quantize" or a benchmark's name) is to be redone: named, or `all`, or
@@ -76,7 +107,8 @@ class JobPlan:
 
 def typed(cfg: DictConfig, section: str) -> Any:
     try:
-        return OmegaConf.to_object(cfg[section])
+        node = cfg[section]
+        return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
     except MissingMandatoryValue as err:
         key = err.full_key or section  # already the full dotted key from the root
         raise QsweepError(f"{key} has no value: set {key}=...") from None
@@ -156,4 +188,7 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         skip_reason=compat.skip_reason(method_option, method, engine_option, engine, device),
         caveat=compat.caveat(method_option, engine, device),
         rerun=rerun,
+        paths=sections["paths"],
+        tracking=sections["tracking"],
+        dry_run=sections["dry_run"],
     )

@@ -34,7 +34,7 @@ KIND = "baseline-results"
 
 
 def key(
-    model: PreparedModel, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
+    model_fingerprint: str, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
 ) -> dict:
     """Everything a baseline result depends on: the model, the engine's result settings (fields not
     marked `neutral` or `speed_only`) and environment, the benchmark and its settings."""
@@ -42,7 +42,7 @@ def key(
     # `kind` was a config field when these keys were first written: kept so stored results stay valid.
     settings = {"kind": engine.name, **result_settings(engine_cfg)}
     return {
-        "model": model.fingerprint,
+        "model": model_fingerprint,
         "engine": json.loads(json.dumps(settings, default=str)),
         "engine_env": sorted(f"{k}=={v}" for k, v in versions.items()),
         "benchmark": bench_name,
@@ -111,9 +111,9 @@ def stamp(cache: ArtifactCache, parts: dict) -> str | None:
     return f"{entry.manifest['key']}@{entry.manifest['built_at']}" if entry else None
 
 
-def baseline_key(plan: JobPlan, model: PreparedModel, name: str, ctx: JobContext) -> dict:
+def baseline_key(plan: JobPlan, model_fingerprint: str, name: str, ctx: JobContext) -> dict:
     """The key of the baseline's results that benchmark `name` of this job compares with."""
-    return key(model, plan.engine, plan.engine_cfg, name, plan.benchmarks[name][1], ctx)
+    return key(model_fingerprint, plan.engine, plan.engine_cfg, name, plan.benchmarks[name][1], ctx)
 
 
 def keep(plan: JobPlan, model: PreparedModel, name: str, result: BenchmarkResult, ctx: JobContext) -> None:
@@ -122,7 +122,7 @@ def keep(plan: JobPlan, model: PreparedModel, name: str, result: BenchmarkResult
     if result.samples is None:
         return
     if plan.is_reference_baseline:
-        store(ctx.artifact_cache, baseline_key(plan, model, name, ctx), result.samples)
+        store(ctx.artifact_cache, baseline_key(plan, model.fingerprint, name, ctx), result.samples)
     if plan.method.is_baseline:  # a baseline with other settings is not what others compare with
         discard_files(result.samples)
 
@@ -133,7 +133,7 @@ def compare(
     """A quantized job's result against the stored baseline results of the same benchmark and
     settings: (metrics, stamp of the baseline results), or None while those are missing. The job's
     own sample files are removed once compared."""
-    parts = baseline_key(plan, model, name, ctx)
+    parts = baseline_key(plan, model.fingerprint, name, ctx)
     base = load(ctx.artifact_cache, parts)
     if base is None or result.samples is None:
         return None
@@ -150,9 +150,9 @@ def evaluate_missing_baseline(
     """Serve the baseline once and store its results for every benchmark in `results` that has none
     stored yet (no baseline job in the sweep, or it runs later)."""
     missing = {
-        name: (baseline_key(plan, model, name, ctx), *plan.benchmarks[name])
+        name: (baseline_key(plan, model.fingerprint, name, ctx), *plan.benchmarks[name])
         for name in results
-        if load(ctx.artifact_cache, baseline_key(plan, model, name, ctx)) is None
+        if load(ctx.artifact_cache, baseline_key(plan, model.fingerprint, name, ctx)) is None
     }
     # The baseline in the form this engine serves, which need not be the quantized artifact's.
     fmt = compat.serving_format(BaselineMethod(), plan.engine)

@@ -24,8 +24,7 @@ from typing import Any
 
 from qsweep import envs, reference
 from qsweep.cache import ArtifactCache, content_key
-from qsweep.context import Artifact, BenchmarkResult, JobContext
-from qsweep.models import PreparedModel
+from qsweep.context import BenchmarkResult, JobContext
 from qsweep.plan import JobPlan
 from qsweep.settings import result_settings
 
@@ -52,16 +51,16 @@ def _versions(env: envs.StageEnv | None) -> list[str]:
     return sorted(f"{k}=={v}" for k, v in env.package_versions().items()) if env else []
 
 
-def key(plan: JobPlan, artifact: Artifact, name: str, ctx: JobContext) -> dict | None:
-    """The key of benchmark `name`'s result on `artifact` in this job; None if it cannot be reused
-    (an artifact without a content key)."""
-    if artifact.key is None:
+def key(plan: JobPlan, artifact_key: str | None, name: str, ctx: JobContext) -> dict | None:
+    """The key of benchmark `name`'s result in this job on the artifact of content key
+    `artifact_key`; None if it cannot be reused (an artifact without one)."""
+    if artifact_key is None:
         return None
     benchmark, cfg = plan.benchmarks[name]
     timing = benchmark.measures_time
     engine_env = ctx.stage_env(plan.engine.env) if plan.engine.env else None
     parts: dict[str, Any] = {
-        "artifact": artifact.key,
+        "artifact": artifact_key,
         "engine": {"kind": plan.engine.name, **result_settings(plan.engine_cfg, timing=timing)},
         "engine_env": _versions(engine_env),
         "benchmark": name,
@@ -151,7 +150,7 @@ class Reuse:
 
 
 def find_reusable(
-    plan: JobPlan, model: PreparedModel, keys: dict[str, dict | None], ctx: JobContext
+    plan: JobPlan, model_fingerprint: str, keys: dict[str, dict | None], ctx: JobContext
 ) -> dict[str, Reuse]:
     """The benchmarks of this job whose results exist (and are not to be redone). A comparing
     benchmark needs more: on a quantized job its comparison with the current baseline results, on
@@ -164,7 +163,8 @@ def find_reusable(
             continue
         deltas: dict[str, float] | None = {}
         if benchmark.compares:
-            base = reference.stamp(ctx.artifact_cache, reference.baseline_key(plan, model, name, ctx))
+            baseline = reference.baseline_key(plan, model_fingerprint, name, ctx)
+            base = reference.stamp(ctx.artifact_cache, baseline)
             if plan.method.is_baseline:
                 deltas = None if plan.is_reference_baseline and base is None else {}
             else:

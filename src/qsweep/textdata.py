@@ -3,6 +3,7 @@ downloaded), or any local file. A slice of it is materialised in the cache by co
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,24 +50,42 @@ def source_file(text: TextConfig) -> Path:
     raise QsweepError(f"text '{text.name}' has neither a path nor a package resource: set one")
 
 
+def _slice_key(text: TextConfig, source: Path) -> dict:
+    return {"source_sha256": file_sha256(source), "offset": text.offset_chars, "max": text.max_chars}
+
+
+def read_slice(text: TextConfig) -> str:
+    """The text's slice, read from its source (nothing written)."""
+    content = source_file(text).read_text(encoding="utf-8", errors="replace")
+    end = None if text.max_chars is None else text.offset_chars + text.max_chars
+    piece = content[text.offset_chars : end]
+    if not piece.strip():
+        raise QsweepError(f"text '{text.name}' is empty after offset {text.offset_chars}: lower offset_chars")
+    return piece
+
+
 def materialize(text: TextConfig, cache: ArtifactCache) -> tuple[Path, str]:
     """The text's slice as a UTF-8 file, and its content hash (part of every cache key that uses it)."""
     source = source_file(text)
     if text.offset_chars == 0 and text.max_chars is None:
         return source, file_sha256(source)
-    key = {"source_sha256": file_sha256(source), "offset": text.offset_chars, "max": text.max_chars}
 
     def build(tmp: Path) -> dict:
-        content = source.read_text(encoding="utf-8", errors="replace")
-        end = None if text.max_chars is None else text.offset_chars + text.max_chars
-        piece = content[text.offset_chars : end]
-        if not piece.strip():
-            raise QsweepError(
-                f"text '{text.name}' is empty after offset {text.offset_chars}: lower offset_chars"
-            )
+        piece = read_slice(text)
         (tmp / "text.txt").write_text(piece, encoding="utf-8")
         return {"chars": len(piece)}
 
-    entry = cache.entry("texts", key, build, what=f"text slice '{text.name}'")
+    entry = cache.entry("texts", _slice_key(text, source), build, what=f"text slice '{text.name}'")
     path = entry.path / "text.txt"
     return path, file_sha256(path)
+
+
+def content_sha(text: TextConfig, cache: ArtifactCache) -> str:
+    """The hash `materialize` gives, without writing anything (for a dry run and result keys)."""
+    source = source_file(text)
+    if text.offset_chars == 0 and text.max_chars is None:
+        return file_sha256(source)
+    entry = cache.lookup("texts", _slice_key(text, source))
+    if entry is not None:
+        return file_sha256(entry.path / "text.txt")
+    return hashlib.sha256(read_slice(text).encode("utf-8")).hexdigest()

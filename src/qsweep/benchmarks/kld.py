@@ -25,7 +25,7 @@ from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import FullDistribution, Load, ServedModel, Tokenizes, TopKDistribution
 from qsweep.errors import QsweepError
 from qsweep.settings import neutral
-from qsweep.textdata import TextConfig, materialize, source_file
+from qsweep.textdata import TextConfig, content_sha, materialize, source_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class KlDivergence(Benchmark):
         return Load(scored_tokens=cfg.n_ctx, top_logprobs=cfg.top_k)
 
     def data_key(self, cfg: Config, ctx: JobContext) -> dict:
-        return {"text": materialize(cfg.text, ctx.artifact_cache)[1]}
+        return {"text": content_sha(cfg.text, ctx.artifact_cache)}
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)

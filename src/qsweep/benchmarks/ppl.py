@@ -18,7 +18,7 @@ from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import Load, ScoresPrompt, Tokenizes
 from qsweep.errors import QsweepError
 from qsweep.settings import neutral
-from qsweep.textdata import TextConfig, materialize, source_file
+from qsweep.textdata import TextConfig, content_sha, materialize, source_file
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Perplexity(Benchmark):
         return Load(scored_tokens=cfg.n_ctx)
 
     def data_key(self, cfg: Config, ctx: JobContext) -> dict:
-        return {"text": materialize(cfg.text, ctx.artifact_cache)[1]}
+        return {"text": content_sha(cfg.text, ctx.artifact_cache)}
 
     def run(self, cfg: Config, served: Tokenizes | ScoresPrompt, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)

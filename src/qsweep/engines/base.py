@@ -60,6 +60,11 @@ class Engine(ABC):
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
 
+    def unavailable(self, cfg: Any) -> str | None:
+        """Why this machine cannot serve with these settings (no GPU for device=cuda), or None;
+        a real run refuses at pre-flight, a dry run says so."""
+        return None
+
     def device(self, cfg: Any) -> str:
         """The device it serves on ("cpu", "cuda"): picks measured caveats and unservable pairs."""
         return "cpu"

@@ -109,6 +109,11 @@ class VllmEngine(Engine):
     def check(self, cfg: Config) -> None:
         self.device(cfg)
 
+    def unavailable(self, cfg: Config) -> str | None:
+        if cfg.device == "cuda" and not envs.has_cuda_gpu():
+            return "engine.device=cuda, and this machine has no CUDA GPU"
+        return None
+
     def device(self, cfg: Config) -> str:
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")

@@ -9,12 +9,26 @@ a test and a README row. Artifacts are cached by content: build them with `ctx.a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qsweep.context import Artifact, JobContext
 from qsweep.envs import StageEnvSpec
 from qsweep.models import PreparedModel
 from qsweep.plugins import Registry
+
+
+@dataclass
+class PlannedArtifact:
+    """What `build` would do, found without building or writing anything (for a dry run)."""
+
+    key: str | None  # the artifact's content key, as `Artifact.key` will be; None if unknown
+    steps: list[tuple[str, bool]]  # (what is built, whether the cache has it already), in order
+
+
+def planned_step(what: str, kind: str, key: str, ctx: JobContext) -> tuple[str, bool]:
+    """A `PlannedArtifact` step: (what, whether the artifact cache has entry `key` of `kind`)."""
+    return what, ctx.artifact_cache.lookup_key(kind, key) is not None
 
 
 class Method(ABC):
@@ -29,6 +43,12 @@ class Method(ABC):
 
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    def plan(self, cfg: Any, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
+        """The cache entries `build` would use and whether they exist, computed with the same keys
+        and without side effects: the dry run reports them and looks up results under `key`. The
+        default knows nothing (the dry run then says the artifact will be built)."""
+        return PlannedArtifact(None, [(f"{self.name} artifact", False)])
 
     @abstractmethod
     def build(self, cfg: Any, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:

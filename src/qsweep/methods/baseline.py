@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qsweep.cache import content_key
 from qsweep.context import Artifact, JobContext
 from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
-from qsweep.methods.base import METHODS, Method
-from qsweep.methods.gguf import GgufOuttype, artifact_from, f16_gguf
+from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
+from qsweep.methods.gguf import GgufOuttype, artifact_from, f16_gguf, f16_key
 from qsweep.models import PreparedModel
 
 
@@ -26,6 +27,14 @@ class BaselineMethod(Method):
     formats = ("gguf", "hf")
     env = None  # the GGUF form uses the llamacpp environment through methods.gguf
     is_baseline = True
+
+    def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
+        if fmt == "gguf":
+            key = content_key(f16_key(model_fingerprint, cfg.gguf_outtype, ctx))
+            return PlannedArtifact(
+                key, [planned_step(f"{cfg.gguf_outtype.value} GGUF", "gguf-base", key, ctx)]
+            )
+        return PlannedArtifact(f"checkpoint-{model_fingerprint}", [])  # the model itself
 
     def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
         if fmt == "gguf":

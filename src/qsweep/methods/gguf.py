@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from qsweep import envs, procs
-from qsweep.cache import CacheEntry
+from qsweep import envs, procs, textdata
+from qsweep.cache import CacheEntry, content_key
 from qsweep.context import Artifact, JobContext
-from qsweep.methods.base import METHODS, Method
+from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import PreparedModel
 from qsweep.textdata import TextConfig, materialize, source_file
 
@@ -83,11 +83,35 @@ def inspect_gguf(path: Path, out: Path, log: Path, ctx: JobContext) -> dict:
     return json.loads(out.read_text())
 
 
+def f16_key(model_fingerprint: str, outtype: GgufOuttype, ctx: JobContext) -> dict:
+    return {"model": model_fingerprint, "outtype": outtype.value, "llama_cpp": llama_build(ctx)}
+
+
+def imatrix_key(cfg: Config, base_key: str, text_sha: str, ctx: JobContext) -> dict:
+    return {
+        "base": base_key,
+        "text": text_sha,
+        "chunks": cfg.imatrix_chunks,
+        "ctx": cfg.imatrix_ctx,
+        "llama_cpp": llama_build(ctx),
+    }
+
+
+def quant_key(cfg: Config, base_key: str, imatrix_key: str | None, ctx: JobContext) -> dict:
+    return {
+        "base": base_key,
+        "type": cfg.quant_type.value,
+        "imatrix": imatrix_key,
+        "leave_output_tensor": cfg.leave_output_tensor,
+        "llama_cpp": llama_build(ctx),
+    }
+
+
 def f16_gguf(model: PreparedModel, outtype: GgufOuttype, ctx: JobContext) -> CacheEntry:
     """The model converted to an unquantized GGUF by llama.cpp's own converter."""
     env = ctx.stage_env(envs.LLAMACPP)
     env.require()
-    key = {"model": model.fingerprint, "outtype": outtype.value, "llama_cpp": llama_build(ctx)}
+    key = f16_key(model.fingerprint, outtype, ctx)
     quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
@@ -119,13 +143,7 @@ def imatrix(cfg: Config, base: CacheEntry, ctx: JobContext) -> CacheEntry:
     """An importance matrix computed by llama-imatrix on the calibration text."""
     env = ctx.stage_env(envs.LLAMACPP)
     text, text_sha = materialize(cfg.imatrix_text, ctx.artifact_cache)
-    key = {
-        "base": base.manifest["key"],
-        "text": text_sha,
-        "chunks": cfg.imatrix_chunks,
-        "ctx": cfg.imatrix_ctx,
-        "llama_cpp": llama_build(ctx),
-    }
+    key = imatrix_key(cfg, base.manifest["key"], text_sha, ctx)
     quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
@@ -202,6 +220,18 @@ class GgufMethod(Method):
         if cfg.imatrix:
             source_file(cfg.imatrix_text)
 
+    def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
+        base = content_key(f16_key(model_fingerprint, cfg.f16_outtype, ctx))
+        steps = [planned_step(f"{cfg.f16_outtype.value} GGUF", "gguf-base", base, ctx)]
+        imat = None
+        if cfg.imatrix:
+            text_sha = textdata.content_sha(cfg.imatrix_text, ctx.artifact_cache)
+            imat = content_key(imatrix_key(cfg, base, text_sha, ctx))
+            steps.append(planned_step("importance matrix", "imatrix", imat, ctx))
+        key = content_key(quant_key(cfg, base, imat, ctx))
+        steps.append(planned_step(f"{cfg.quant_type.value} GGUF", "gguf", key, ctx))
+        return PlannedArtifact(key, steps)
+
     def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
         return quantize(cfg, model, ctx)
 
@@ -215,13 +245,7 @@ def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
     if cfg.imatrix:
         imat = imatrix(cfg, base, ctx)
         chain.append(imat)
-    key = {
-        "base": base.manifest["key"],
-        "type": cfg.quant_type.value,
-        "imatrix": imat.manifest["key"] if imat else None,
-        "leave_output_tensor": cfg.leave_output_tensor,
-        "llama_cpp": llama_build(ctx),
-    }
+    key = quant_key(cfg, base.manifest["key"], imat.manifest["key"] if imat else None, ctx)
     quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:

@@ -15,11 +15,11 @@ from typing import Any
 from omegaconf import MISSING
 
 from qsweep import calibration, envs, procs
-from qsweep.cache import file_sha256
+from qsweep.cache import content_key, file_sha256
 from qsweep.context import Artifact, JobContext
 from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
-from qsweep.methods.base import METHODS, Method
+from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import PreparedModel
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,13 @@ def check(cfg: Config) -> None:
         )
     if cfg.recipe and not Path(cfg.recipe).expanduser().is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
-    if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
-        return
-    calibration.check(cfg.calibration)
+    if needs_calibration(cfg):
+        calibration.check(cfg.calibration)
 
 
 def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | None]:
     """The calibration JSONL and its hash; None for methods that need no data."""
-    if cfg.algorithm is Algorithm.rtn and not cfg.recipe:
+    if not needs_calibration(cfg):
         return None, None
     return calibration.calibration_file(cfg.calibration, ctx.artifact_cache)
 
@@ -87,8 +86,40 @@ class LlmCompressorMethod(Method):
     def check(self, cfg: Config) -> None:
         check(cfg)
 
+    def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
+        sha = calibration.content_sha(cfg.calibration, ctx.artifact_cache) if needs_calibration(cfg) else None
+        key = content_key(artifact_key(cfg, model_fingerprint, sha, ctx))
+        what = f"{cfg.algorithm.value} {cfg.scheme} checkpoint"
+        return PlannedArtifact(key, [planned_step(what, "hf-quantized", key, ctx)])
+
     def build(self, cfg: Config, model: PreparedModel, fmt: str, ctx: JobContext) -> Artifact:
         return quantize(cfg, model, ctx)
+
+
+def needs_calibration(cfg: Config) -> bool:
+    return not (cfg.algorithm is Algorithm.rtn and not cfg.recipe)
+
+
+def artifact_key(cfg: Config, model_fingerprint: str, calibration_sha: str | None, ctx: JobContext) -> dict:
+    """Everything the checkpoint depends on: model, settings, recipe, calibration data, versions."""
+    versions = ctx.stage_env(envs.QUANTIZE).package_versions()
+    recipe = Path(cfg.recipe).expanduser().resolve() if cfg.recipe else None
+    calibrated = calibration_sha is not None
+    return {
+        "model": model_fingerprint,
+        "algorithm": cfg.algorithm.value,
+        "scheme": cfg.scheme,
+        "group_size": cfg.group_size,
+        "ignore": list(cfg.ignore),
+        "recipe": file_sha256(recipe) if recipe else None,
+        "backend": cfg.backend.value,
+        "gptqmodel": versions.get("gptqmodel") if cfg.backend is Backend.gptqmodel else None,
+        "calibration": calibration_sha,
+        "num_samples": cfg.calibration.num_samples if calibrated else None,
+        "seq_len": cfg.calibration.seq_len if calibrated else None,
+        "llmcompressor": versions.get("llmcompressor"),
+        "compressed-tensors": versions.get("compressed-tensors"),
+    }
 
 
 def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
@@ -99,22 +130,7 @@ def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
     if recipe is not None and not recipe.is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
     calibration_path, calibration_sha = calibration_file(cfg, ctx)
-    versions = env.package_versions()
-    key = {
-        "model": model.fingerprint,
-        "algorithm": cfg.algorithm.value,
-        "scheme": cfg.scheme,
-        "group_size": cfg.group_size,
-        "ignore": list(cfg.ignore),
-        "recipe": file_sha256(recipe) if recipe else None,
-        "backend": cfg.backend.value,
-        "gptqmodel": versions.get("gptqmodel") if cfg.backend is Backend.gptqmodel else None,
-        "calibration": calibration_sha,
-        "num_samples": cfg.calibration.num_samples if calibration_path else None,
-        "seq_len": cfg.calibration.seq_len if calibration_path else None,
-        "llmcompressor": versions.get("llmcompressor"),
-        "compressed-tensors": versions.get("compressed-tensors"),
-    }
+    key = artifact_key(cfg, model.fingerprint, calibration_sha, ctx)
     quantize_log = ctx.log("quantize.log")
 
     def build(tmp: Path) -> dict:
