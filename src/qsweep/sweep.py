@@ -134,6 +134,11 @@ def close_abandoned(client, experiment_id: str) -> None:
         )
 
 
+def shorten(text: str, width: int) -> str:
+    """The start of a long reason for a table cell (the run's tag keeps all of it)."""
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
 def summary_table(runs: list) -> str:
     """The sweep's jobs, one line each, for the terminal. `reused`: the run whose results a job took
     instead of measuring (`partly` when it measured some). `ppl/base` is the perplexity ratio to the
@@ -159,7 +164,7 @@ def summary_table(runs: list) -> str:
         reused = {"all": tags.get("qsweep.reused_from", "")[:8], "partly": "partly"}.get(
             tags.get("qsweep.reused"), "-"
         )
-        note = f"  ({tags['qsweep.skipped']})" if status == "SKIPPED" else ""
+        note = f"  ({shorten(tags['qsweep.skipped'], 70)})" if status == "SKIPPED" else ""
         if "qsweep.gates_missed" in tags:
             note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
         lines.append(row.format(run.info.run_name, status, reused, ppl, ratio, size, bpw, speed + note))
