@@ -157,14 +157,24 @@ def gpu_info() -> list[dict[str, str]]:
 NO_AMX_CMAKE_ARGS = "-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo (Linux), or ''."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """'Intel(R) Xeon(R) Processor', or '' where /proc/cpuinfo does not say."""
+    return _cpuinfo("model name")
 
 
 def llama_cmake_args() -> str:

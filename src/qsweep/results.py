@@ -35,16 +35,13 @@ RESULT_FILE = "result.json"
 
 def hardware() -> dict[str, Any]:
     """What a timing depends on besides the software: CPU model and cores, GPU models and count."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpus = [gpu.get("name", "?") for gpu in envs.gpu_info()]
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus, "gpu_count": len(gpus)}
+    return {
+        "cpu": envs.cpu_model() or "unknown",
+        "cpu_cores": os.cpu_count(),
+        "gpus": gpus,
+        "gpu_count": len(gpus),
+    }
 
 
 def _versions(env: envs.StageEnv | None) -> list[str]:

@@ -94,14 +94,7 @@ def run_params(cfg: DictConfig, choices: dict[str, Any], names: dict[str, str]) 
 
 
 def environment_tags() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = envs.cpu_model() or platform.processor() or "unknown"
     try:
         ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
