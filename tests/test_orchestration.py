@@ -113,27 +113,24 @@ MAIN = ("-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi", "benchmark=[
 
 @scenario
 def main_sweep(case: Case):
+    """Dry run, sweep, dry runs again (as is, and redoing one benchmark), then that rerun."""
+    dry_before = case.sweep(*MAIN, "dry_run=true")
+    recorded_before = case.store.exists() or (case.tmp / "cache").exists()
     first = case.sweep(*MAIN)
     _, _, jobs = case.runs()
-    return first, jobs, case.sweep(*MAIN, "rerun=[fakebench]")
-
-
-@scenario
-def dry_runs(case: Case):
-    before = case.sweep(*MAIN, "dry_run=true")
-    recorded_before = case.store.exists() or (case.tmp / "cache").exists()
-    case.sweep(*MAIN)
-    _, _, jobs = case.runs()
-    after = case.sweep(*MAIN, "dry_run=true")
-    rerun = case.sweep(*MAIN, "dry_run=true", "rerun=[fakebench]")
-    return before, recorded_before, jobs, after, rerun
+    dry_after = case.sweep(*MAIN, "dry_run=true")
+    dry_rerun = case.sweep(*MAIN, "dry_run=true", "rerun=[fakebench]")
+    client, parents, _ = case.runs()
+    runs_after_dry_runs = len(client.search_runs([parents[0].info.experiment_id]))
+    again = case.sweep(*MAIN, "rerun=[fakebench]")
+    return first, jobs, again, (dry_before, recorded_before, dry_after, dry_rerun, runs_after_dry_runs)
 
 
 def test_sweep_skips_compares_gates_and_summarizes(outcomes):
     """Six jobs. The 4-bit fake runs first, so it serves the baseline once itself for its
     comparison; the baseline job after it measures the same numbers independently; the 2-bit fake
     reuses the stored results. The API-only engine cannot serve fake artifacts nor score prompts."""
-    case, (done, jobs, _) = outcome(outcomes, "main_sweep")
+    case, (done, jobs, *_) = outcome(outcomes, "main_sweep")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "6 job(s) composed and checked" in out
@@ -176,7 +173,7 @@ def test_sweep_skips_compares_gates_and_summarizes(outcomes):
 
 
 def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
-    case, (_, first, again) = outcome(outcomes, "main_sweep")
+    case, (_, first, again, _) = outcome(outcomes, "main_sweep")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (
         again.stdout.count("stage benchmark_fakebench ...") == 4 and "stage benchmark_ppl" not in again.stdout
@@ -200,7 +197,7 @@ def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
 
 
 def test_dry_runs_say_what_would_be_built_reused_or_measured_and_record_nothing(outcomes):
-    case, (before, recorded_before, jobs, after, rerun) = outcome(outcomes, "dry_runs")
+    case, (_, jobs, _, (before, recorded_before, after, rerun, runs_after)) = outcome(outcomes, "main_sweep")
     for done in (before, after, rerun):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # before anything ran: everything to build and measure, nothing to estimate from, nothing written
@@ -221,8 +218,7 @@ def test_dry_runs_say_what_would_be_built_reused_or_measured_and_record_nothing(
     # redoing one benchmark: the jobs run, for as long as that benchmark and a server start took
     assert re.search(r"fake-model/fake-q4/fake: run, about \d+ s", rerun.stdout), rerun.stdout
     assert f"ppl: reused from run {q4}; fakebench: to measure" in rerun.stdout
-    client, parents, _ = case.runs()
-    assert len(client.search_runs([parents[0].info.experiment_id])) == 1 + 6  # the dry runs made none
+    assert runs_after == 1 + 6  # the sweep's parent and jobs: the dry runs made no run
 
 
 # --- failures ---------------------------------------------------------------------------------
