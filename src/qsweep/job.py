@@ -122,7 +122,8 @@ def measure(
         record.metrics(deltas)
         measured.update(deltas)
         if name in saved:
-            results.save_deltas(ctx.artifact_cache, keys[name], baseline, deltas)
+            revision = plan.benchmarks[name][0].compare_revision
+            results.save_deltas(ctx.artifact_cache, keys[name], baseline, deltas, revision)
         return True
 
     def keep(name: str, result: BenchmarkResult) -> None:
@@ -139,8 +140,21 @@ def measure(
     if plan.preset:
         log.info("  serving preset for the benchmarks' load: %s", plan.preset)
         record.preset(plan.preset)
+
+    def memory(metrics: dict[str, float]) -> None:
+        record.metrics(metrics)
+        measured.update(metrics)
+
     serve_and_measure(
-        plan.engine, plan.engine_cfg, artifact, to_run, ctx, clock, on_served=record.served, on_result=keep
+        plan.engine,
+        plan.engine_cfg,
+        artifact,
+        to_run,
+        ctx,
+        clock,
+        on_served=record.served,
+        on_result=keep,
+        on_memory=memory,
     )
     if uncompared:
         with clock.stage("compare"):  # after the server stopped: serves the baseline itself

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qsweep import procs
 from qsweep.benchmarks.base import Benchmark
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.engines.base import Engine
@@ -61,10 +62,12 @@ def serve_and_measure(
     clock: StageClock,
     on_served: Callable[[Served], None] = lambda served: None,
     on_result: Callable[[str, BenchmarkResult], None] = lambda name, result: None,
+    on_memory: Callable[[dict[str, float]], None] = lambda memory: None,
 ) -> dict[str, BenchmarkResult]:
     """Start the engine once, check it answers, run every benchmark on it in order, stop it.
-    `on_served` and `on_result` hear of each step as it happens (a job records them at once, so a
-    later failure keeps what was measured)."""
+    `on_served`, `on_result` and `on_memory` (the server's peak memory, read before it stops) hear
+    of each step as it happens (a job records them at once, so a later failure keeps what was
+    measured)."""
     results: dict[str, BenchmarkResult] = {}
     with clock.stage("serve"), engine.serve(engine_cfg, artifact, ctx) as served:
         up = Served(served.start_s, engine_cfg.smoke_prompt)
@@ -78,4 +81,17 @@ def serve_and_measure(
             log.info("  %s: %s", name, headline(result.metrics))
             on_result(name, result)
             results[name] = result
+        if served.pid is not None:
+            on_memory(server_memory(served.pid))
     return results
+
+
+def server_memory(pid: int) -> dict[str, float]:
+    """`server_peak_rss_mb`: the server's processes' peak resident memory so far; on a GPU also
+    `server_gpu_memory_mb`, what they hold there (vLLM reserves its share up front)."""
+    tree = procs.process_tree(pid)
+    memory = {
+        "server_peak_rss_mb": procs.peak_rss_mb(tree),
+        "server_gpu_memory_mb": procs.gpu_memory_mb(tree),
+    }
+    return {k: v for k, v in memory.items() if v is not None}

@@ -198,3 +198,47 @@ def background(
             yield proc
         finally:
             kill_group(proc, grace_s)
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants, from Linux /proc ([] elsewhere or when it is gone)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        if Path(f"/proc/{current}").exists():
+            tree.append(current)
+        frontier.extend(children.get(current, []))
+    return tree
+
+
+def peak_rss_mb(pids: list[int]) -> float | None:
+    """Peak resident memory (VmHWM) of these processes, summed, in MB; None if none could be read.
+    Pages shared between them (a model file mapped by several) count once per process."""
+    total_kb, found = 0, False
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        peak = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if peak:
+            total_kb, found = total_kb + int(peak.group(1)), True
+    return total_kb / 1024 if found else None
+
+
+def gpu_memory_mb(pids: list[int]) -> float | None:
+    """GPU memory held now by these processes (nvidia-smi), in MB; None without an NVIDIA GPU."""
+    text = output(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], timeout_s=10
+    )
+    used = [line.split(",") for line in text.splitlines() if "," in line]
+    mine = [float(mb) for pid, mb in used if pid.strip().isdigit() and int(pid) in pids]
+    return sum(mine) if mine else None

@@ -114,22 +114,35 @@ def load(cache: ArtifactCache, parts: dict) -> StoredResult | None:
     )
 
 
-def _deltas_key(parts: dict, baseline: str) -> dict:
-    return {"result": content_key(parts), "baseline": baseline}
+def _deltas_key(parts: dict, baseline: str, revision: int) -> dict:
+    key: dict[str, Any] = {"result": content_key(parts), "baseline": baseline}
+    if revision:  # left out at 0, so comparisons stored before revisions existed stay valid
+        key["compare_revision"] = revision
+    return key
 
 
-def save_deltas(cache: ArtifactCache, parts: dict, baseline: str, deltas: dict[str, float]) -> None:
+def save_deltas(
+    cache: ArtifactCache, parts: dict, baseline: str, deltas: dict[str, float], revision: int = 0
+) -> None:
+    """Keep a comparison with the baseline; `revision`: the benchmark's `compare_revision`."""
+
     def write(tmp: Path) -> dict:
         (tmp / RESULT_FILE).write_text(json.dumps(deltas))
         return {}
 
     cache.entry(
-        DELTAS, _deltas_key(parts, baseline), write, what="comparison with the baseline", replace=True
+        DELTAS,
+        _deltas_key(parts, baseline, revision),
+        write,
+        what="comparison with the baseline",
+        replace=True,
     )
 
 
-def load_deltas(cache: ArtifactCache, parts: dict, baseline: str) -> dict[str, float] | None:
-    entry = cache.lookup(DELTAS, _deltas_key(parts, baseline))
+def load_deltas(
+    cache: ArtifactCache, parts: dict, baseline: str, revision: int = 0
+) -> dict[str, float] | None:
+    entry = cache.lookup(DELTAS, _deltas_key(parts, baseline, revision))
     if entry is None:
         return None
     try:
@@ -165,7 +178,8 @@ def find_reusable(
             if plan.method.is_baseline:
                 deltas = None if plan.is_reference_baseline and base is None else {}
             else:
-                deltas = load_deltas(ctx.artifact_cache, parts, base) if base else None
+                revision = benchmark.compare_revision
+                deltas = load_deltas(ctx.artifact_cache, parts, base, revision) if base else None
         if deltas is not None:
             found[name] = Reuse(stored, deltas)
     return found

@@ -76,6 +76,16 @@ def compare(candidate: dict[str, float], baseline: dict[str, float]) -> Comparis
     return Comparison(cand.mean - base.mean, math.hypot(cand.stderr, base.stderr), False, recovery)
 
 
+def flips(candidate: dict[str, float], baseline: dict[str, float]) -> tuple[int, int]:
+    """Answer flips over the samples both sides scored: (right -> wrong, wrong -> right), a sample
+    being right when its score is at least 0.5. Two models with equal accuracy can still disagree
+    on many answers; the flips say how many."""
+    common = set(candidate) & set(baseline)
+    to_wrong = sum(1 for k in common if baseline[k] >= 0.5 > candidate[k])
+    to_right = sum(1 for k in common if candidate[k] >= 0.5 > baseline[k])
+    return to_wrong, to_right
+
+
 def compare_estimates(candidate: Estimate, baseline: Estimate) -> Comparison:
     """Unpaired comparison of two summary estimates (perplexity, where only mean and error are kept)."""
     recovery = candidate.mean / baseline.mean if baseline.mean else math.nan

@@ -62,6 +62,7 @@ class Accuracy(Benchmark):
     Config = Config
     env = envs.EVALSCOPE
     requires = (ChatEndpoint,)
+    compare_revision = 1  # 1: answer flips added
 
     def check(self, cfg: Config) -> None:
         if cfg.source is DataSource.wheels:
@@ -122,7 +123,8 @@ class Accuracy(Benchmark):
 
     def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
         """Per dataset, the primary metric's delta against the baseline (paired over the same samples),
-        its 95% interval, a within-noise flag and the recovery ratio (this / baseline)."""
+        its 95% interval, a within-noise flag, the recovery ratio (this / baseline) and the answer
+        flips (right -> wrong, wrong -> right)."""
         metrics: dict[str, float] = {}
         for name, scores in samples.items():
             primary = primary_metric(name, scores)
@@ -130,6 +132,7 @@ class Accuracy(Benchmark):
                 continue
             cmp = stats.compare(scores[primary], baseline[name][primary])
             low, high = cmp.ci95
+            to_wrong, to_right = stats.flips(scores[primary], baseline[name][primary])
             metrics.update(
                 {
                     f"{name}_base": stats.estimate(list(baseline[name][primary].values())).mean,
@@ -139,6 +142,8 @@ class Accuracy(Benchmark):
                     f"{name}_delta_ci_high": high,
                     f"{name}_within_noise": float(cmp.within_noise),
                     f"{name}_recovery": cmp.recovery,
+                    f"{name}_flips_to_wrong": float(to_wrong),
+                    f"{name}_flips_to_right": float(to_right),
                 }
             )
         return {k: v for k, v in metrics.items() if not math.isnan(v)}

@@ -30,6 +30,9 @@ class Benchmark(ABC):
     # It measures speed: its results also depend on the machine and the engine's speed-only
     # settings, and are reused only on the same hardware and kernels (see `reusable`).
     measures_time: ClassVar[bool] = False
+    # Raised when `compare` returns new or different metrics: stored comparisons with the baseline
+    # made by an older revision are then made again, not reused.
+    compare_revision: ClassVar[int] = 0
 
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""

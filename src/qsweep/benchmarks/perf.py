@@ -5,10 +5,15 @@ every request generates `output_tokens`, warm-up requests before timing, and eve
 repeated `repeats` times (reported as mean and standard deviation). Per level: output and total
 tok/s, requests/s, TTFT / TPOT / ITL mean, p50, p90, p99 and the success rate, logged with
 step=concurrency so the MLflow UI draws curves.
+
+With a latency objective (`slo`), the highest concurrency that meets it (`perf_capacity`) is found
+by evalscope's own SLA auto-tune (`--sla-auto-tune`, a doubling then binary search), on the same
+server, after the levels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +54,38 @@ PERCENTILE_ROWS = {"50%": "p50", "90%": "p90", "99%": "p99"}
 
 
 @dataclass
+class Objective:
+    """A latency objective: limits on a load level's figures (null: no limit). The capacity is the
+    highest concurrency at which every request succeeds and every limit set holds."""
+
+    ttft_p99_ms: float | None = None
+    ttft_mean_ms: float | None = None
+    tpot_mean_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    latency_p99_s: float | None = None
+    max_concurrency: int = 16  # the search's upper bound; the engine is sized for it
+    runs: int = 1  # runs averaged at each probed concurrency (evalscope's sla_num_runs)
+
+    def criteria(self) -> dict[str, str]:
+        """The limits set, as evalscope's --sla-params criteria (metric -> '<=value unit')."""
+        return {
+            metric: f"<={value}{unit}"
+            for metric, unit, value in (
+                ("p99_ttft", "ms", self.ttft_p99_ms),
+                ("avg_ttft", "ms", self.ttft_mean_ms),
+                ("avg_tpot", "ms", self.tpot_mean_ms),
+                ("p99_tpot", "ms", self.tpot_p99_ms),
+                ("p99_latency", "s", self.latency_p99_s),
+            )
+            if value is not None
+        }
+
+    def describe(self) -> str:
+        """`p99_ttft<=500ms, avg_tpot<=50ms`: how the objective reads in the report."""
+        return ", ".join(f"{metric}{limit}" for metric, limit in self.criteria().items())
+
+
+@dataclass
 class Config:
     concurrency: list[int] = field(default_factory=lambda: [1, 4])
     requests_per_level: int = 2  # requests at each level = this x concurrency (the seed: ~2x)
@@ -58,6 +95,8 @@ class Config:
     repeats: int = 1  # each level run this many times: mean and standard deviation
     stream: bool = True  # TTFT / ITL need streaming
     timeout_s: int = neutral(3600)
+    # A latency objective: with a limit set, the capacity under it is searched after the levels.
+    slo: Objective = field(default_factory=Objective)
 
 
 def _own_ticks() -> int:
@@ -141,12 +180,17 @@ class LoadTest(Benchmark):
             raise QsweepError(
                 "benchmark.perf needs input_tokens, output_tokens, requests_per_level, repeats >= 1"
             )
+        limits = [v for v in dataclasses.astuple(cfg.slo)[:5] if v is not None]
+        if any(v <= 0 for v in limits) or cfg.slo.max_concurrency < 1 or cfg.slo.runs < 1:
+            raise QsweepError(
+                "benchmark.perf.slo needs positive limits (e.g. slo.ttft_p99_ms=500), "
+                "max_concurrency >= 1 and runs >= 1"
+            )
 
     def load(self, cfg: Config) -> Load:
         # A request's prompt and output, plus room for the chat template's few tokens.
-        return Load(
-            concurrency=max(cfg.concurrency), tokens_per_request=cfg.input_tokens + cfg.output_tokens + 16
-        )
+        highest = max(max(cfg.concurrency), cfg.slo.max_concurrency if cfg.slo.criteria() else 1)
+        return Load(concurrency=highest, tokens_per_request=cfg.input_tokens + cfg.output_tokens + 16)
 
     def reusable(self, result: BenchmarkResult) -> bool:
         """Not a load test measured while other work kept the CPUs busy (it got a note then)."""
@@ -184,32 +228,13 @@ class LoadTest(Benchmark):
                 repeat + 1, cfg.repeats, levels, numbers, cfg.input_tokens, cfg.output_tokens,
             )  # fmt: skip
             cmd = [
-                env.root / "bin" / "evalscope",
-                "perf",
-                "--url", f"{served.api_base()}/completions",
-                "--api", "openai",
-                "--model", served.model_name or "qsweep",
-                "--tokenizer-path", tokenizer,
-                "--dataset", "random",
-                "--min-prompt-length", str(cfg.input_tokens),
-                "--max-prompt-length", str(cfg.input_tokens),
-                "--min-tokens", str(cfg.output_tokens),
-                "--max-tokens", str(cfg.output_tokens),
-                "--extra-args", json.dumps({"ignore_eos": True}),
+                env.root / "bin" / "evalscope", "perf",
+                *request_args(cfg, served, tokenizer),
                 "--parallel", *map(str, levels),
                 "--number", *map(str, numbers),
-                "--warmup-num", str(cfg.warmup_requests),
-                "--sleep-interval", "0",
-                "--read-timeout", str(cfg.timeout_s),
                 "--seed", str(repeat),
                 "--outputs-dir", out,
                 "--name", name,
-                "--no-timestamp",
-                "--stream" if cfg.stream else "--no-stream",
-                # aiohttp reuses keep-alive connections that llama-server has already closed, and a
-                # request then fails with "Server disconnected" (seen at concurrency 3): one connection
-                # per request, as a fresh client would open.
-                "--headers", "Connection=close",
             ]  # fmt: skip
             procs.run(
                 cmd,
@@ -230,7 +255,108 @@ class LoadTest(Benchmark):
         result = summarize(runs, cfg, out)
         if busy is not None:
             result.metrics["perf_cpu_busy_before"] = busy
+        if cfg.slo.criteria():
+            search = find_capacity(cfg, served, ctx, tokenizer, environ)
+            result.metrics.update(search.metrics)
+            result.tables["perf_slo_probes.json"] = search.tables["perf_slo_probes.json"]
         return result
+
+
+def request_args(cfg: Config, served: ServedModel, tokenizer: Path) -> list:
+    """evalscope perf's arguments for the endpoint and the requests, shared by levels and search."""
+    return [
+        "--url", f"{served.api_base()}/completions",
+        "--api", "openai",
+        "--model", served.model_name or "qsweep",
+        "--tokenizer-path", tokenizer,
+        "--dataset", "random",
+        "--min-prompt-length", str(cfg.input_tokens),
+        "--max-prompt-length", str(cfg.input_tokens),
+        "--min-tokens", str(cfg.output_tokens),
+        "--max-tokens", str(cfg.output_tokens),
+        "--extra-args", json.dumps({"ignore_eos": True}),
+        "--warmup-num", str(cfg.warmup_requests),
+        "--sleep-interval", "0",
+        "--read-timeout", str(cfg.timeout_s),
+        "--no-timestamp",
+        "--stream" if cfg.stream else "--no-stream",
+        # aiohttp reuses keep-alive connections that llama-server has already closed, and a
+        # request then fails with "Server disconnected" (seen at concurrency 3): one connection
+        # per request, as a fresh client would open.
+        "--headers", "Connection=close",
+    ]  # fmt: skip
+
+
+def find_capacity(
+    cfg: Config, served: ServedModel, ctx: JobContext, tokenizer: Path, environ: dict[str, str]
+) -> BenchmarkResult:
+    """The highest concurrency meeting the objective, by evalscope's SLA auto-tune (through
+    stage_scripts/evalscope_sla.py, which keeps evalscope's decision): `perf_capacity` (0 when even
+    one user misses it) and the figures measured there."""
+    env = ctx.stage_env(envs.EVALSCOPE)
+    out = ctx.log_dir / "perf" / "slo"
+    shutil.rmtree(out, ignore_errors=True)
+    decision = out / "sla_decision.json"
+    log.info("  perf: capacity under %s (up to %d users)", cfg.slo.describe(), cfg.slo.max_concurrency)
+    cmd = [
+        *env.script("evalscope_sla.py"), decision,
+        *request_args(cfg, served, tokenizer),
+        "--parallel", "1", "--number", str(cfg.requests_per_level),
+        "--seed", "0",
+        "--outputs-dir", out,
+        "--name", "search",
+        "--sla-auto-tune", "--sla-variable", "parallel",
+        "--sla-params", json.dumps([cfg.slo.criteria()]),
+        "--sla-num-runs", str(cfg.slo.runs),
+        "--sla-lower-bound", "1", "--sla-upper-bound", str(cfg.slo.max_concurrency),
+        "--sla-number-multiplier", str(cfg.requests_per_level),
+    ]  # fmt: skip
+    procs.run(
+        cmd,
+        log_path=ctx.log("perf_slo.log"),
+        timeout_s=cfg.timeout_s,
+        what="evalscope perf SLA search",
+        env=environ,
+        cwd=ctx.log_dir,
+        progress=lambda: level_progress(ctx.log("perf_slo.log")),
+    )
+    return capacity_result(json.loads(decision.read_text()))
+
+
+def probe_metrics(probe: dict) -> dict[str, float]:
+    """One probed concurrency's averaged figures, named as the levels' metrics are."""
+    averaged = probe.get("averaged_result") or {}
+    summary = averaged.get("metrics") or {}
+    metrics = {name: float(summary[key]) for key, name in SUMMARY.items() if key in summary}
+    columns = averaged.get("percentiles") or {}
+    labels = columns.get("Percentiles", [])
+    for column, name in PERCENTILE_COLUMNS.items():
+        values = dict(zip(labels, columns.get(column) or [], strict=False))
+        for label, suffix in PERCENTILE_ROWS.items():
+            if values.get(label) is not None:
+                metrics[f"{name}_{suffix}"] = float(values[label])
+    return metrics
+
+
+def capacity_result(decision: dict) -> BenchmarkResult:
+    """evalscope's SLA decision as metrics: the selected concurrency and its probe's figures, and a
+    table of every probe with whether it met the objective."""
+    selection = (decision.get("selections") or [{}])[0]
+    capacity = selection.get("selected_value") or 0
+    probes = {int(p["value"]): p for p in decision.get("probes", [])}
+    rows = []
+    for value, probe in sorted(probes.items()):
+        passed = all(probe.get("group_passes", {}).values()) and probe.get("request_gate_passed", False)
+        rate = probe.get("success_rate", 0.0) / 100
+        row = {"concurrency": value, "meets_objective": passed, "success_rate": rate}
+        rows.append(row | probe_metrics(probe))
+    metrics = {"perf_capacity": float(capacity), "perf_slo_probes": float(len(rows))}
+    if capacity in probes:
+        at = probe_metrics(probes[capacity])
+        for name in ("output_tok_s", "ttft_ms_p99", "ttft_ms_mean", "tpot_ms_mean", "tpot_ms_p99"):
+            if name in at:
+                metrics[f"perf_capacity_{name}"] = at[name]
+    return BenchmarkResult(metrics=metrics, tables={"perf_slo_probes.json": rows})
 
 
 def summarize(runs: dict[int, list[dict[str, float]]], cfg: Config, out: Path) -> BenchmarkResult:

@@ -147,4 +147,4 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         http.wait_healthy(
             f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="llama-server"
         )
-        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx)
+        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx, pid=proc.pid)

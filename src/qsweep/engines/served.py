@@ -113,6 +113,7 @@ class ServedModel:
     log: Path
     ctx: JobContext
     model_name: str | None = None  # the "model" field of requests, where the server wants one
+    pid: int | None = None  # the server's process (its group leader): its memory is measured
 
     def api_base(self) -> str:
         return f"{self.url}/v1"

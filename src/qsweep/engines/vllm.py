@@ -189,5 +189,12 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
             f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="vLLM server"
         )
         yield VllmServed(
-            cfg, artifact, url, time.monotonic() - started, server_log, ctx, model_name=str(artifact.path)
+            cfg,
+            artifact,
+            url,
+            time.monotonic() - started,
+            server_log,
+            ctx,
+            model_name=str(artifact.path),
+            pid=proc.pid,
         )
