@@ -24,4 +24,15 @@ if [ "$(cat .venv/.qsweep-stamp 2>/dev/null)" != "$want" ]; then
 else
     echo "[qsweep] controller environment .venv is up to date"
 fi
+# The report's browser test renders its HTML page in Debian's Chromium: installed where this runs
+# as root with apt-get (CI, these machines); elsewhere the test names the command to run.
+if ! command -v chromium > /dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+    echo "[qsweep] installing Chromium (Debian's package) for the report's browser test"
+    log="${QSWEEP_HOME:-.qsweep}/chromium.setup.log"
+    mkdir -p "${QSWEEP_HOME:-.qsweep}"
+    if ! { apt-get install -y --no-install-recommends chromium ||
+           { apt-get update && apt-get install -y --no-install-recommends chromium; }; } > "$log" 2>&1; then
+        echo "qsweep: could not install chromium (log: $log); only the report's browser test needs it" >&2
+    fi
+fi
 exec .venv/bin/python -m qsweep.envs setup "$@"

@@ -21,6 +21,7 @@ from qsweep.calibration import CalibrationConfig
 from qsweep.envs import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT
 from qsweep.gates import GatesConfig
 from qsweep.models import ModelConfig
+from qsweep.report.decide import ReportConfig
 
 CONF_DIR = REPO_ROOT / "conf"
 SWEEPS_DIR = REPO_ROOT / "sweeps"  # the config group `sweeps` (+sweeps=NAME), added by hydra_plugins/
@@ -53,6 +54,8 @@ class QsweepConfig:
     # ${calibration}), so `calibration.num_samples=8` applies across a sweep of mixed methods.
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    # The decision report's constraints (quality floor, memory cap) and how it reads speed.
+    report: ReportConfig = field(default_factory=ReportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Work to redo although its results exist: `rerun=[all]`, `rerun=[quantize]` (the artifacts, and

@@ -108,6 +108,7 @@ class SweepCallback(Callback):
             order_by=["attributes.start_time ASC"],
         )
         log.info("sweep summary:\n%s", summary_table(children))
+        write_report(client, run_id, config)
         if client.get_run(run_id).info.status == "RUNNING":
             unfinished = any(c.info.status != "FINISHED" for c in children)
             client.set_terminated(run_id, "FAILED" if unfinished else "FINISHED")
@@ -122,6 +123,23 @@ class SweepCallback(Callback):
         outcome = job_return.return_value
         if isinstance(outcome, JobOutcome) and outcome.status == "FAILED":
             raise SweepFailed([outcome.name])
+
+
+def write_report(client, parent_id: str, config: DictConfig) -> None:
+    """The sweep's decision report, in its folder and on its parent run; a report that cannot be
+    written is said, never a reason to fail the sweep (its jobs' results are all recorded)."""
+    from omegaconf import OmegaConf
+
+    from qsweep.report import build
+    from qsweep.report.decide import ReportConfig
+
+    try:
+        cfg = ReportConfig(**OmegaConf.to_container(config.report, resolve=True))
+        written = build.sweep_report(client, parent_id, cfg, Path(config.hydra.sweep.dir) / "report")
+        log.info("report: %s", written.html)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.error("could not write the sweep's report: %s: %s", type(err).__name__, err)
+        log.debug("report failure", exc_info=True)
 
 
 def close_abandoned(client, experiment_id: str) -> None:

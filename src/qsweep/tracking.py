@@ -32,6 +32,9 @@ from qsweep.results import StoredResult
 log = logging.getLogger(__name__)
 # The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+# The MLflow UI opens an experiment by its kind: a model-training experiment shows the runs table
+# with metric columns and charts; without the tag MLflow 3 lands on a GenAI traces overview.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Groups whose settings become run params; paths and tracking are machine-specific, not the experiment.
 PARAM_GROUPS = ("model", "method", "engine", "benchmark")
 
@@ -57,9 +60,14 @@ def client_for(cfg: DictConfig):
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             if experiment is None:
                 artifacts = None if cfg.tracking.uri else (lock_dir / "artifacts").as_uri()
-                experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+                experiment_id = client.create_experiment(
+                    cfg.tracking.experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS
+                )
             else:
                 experiment_id = experiment.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():
+                    if experiment.tags.get(key) != value:  # made by an older qsweep
+                        client.set_experiment_tag(experiment_id, key, value)
         except Exception as err:
             raise QsweepError(f"cannot open the MLflow store {uri}: {str(err).splitlines()[0]}") from None
         finally:
@@ -248,6 +256,7 @@ class JobRecorder:
             **environment_tags(),
             **owner_tags(),
             "qsweep.kind": "job",
+            "qsweep.baseline": str(plan.method.is_baseline).lower(),
             "qsweep.job_dir": str(job_dir),
             **{f"choice.{k}": str(v) for k, v in plan.choices.items()},
         }

@@ -179,7 +179,10 @@ def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
             metrics.update({f"{prefix}_ci_low": low, f"{prefix}_ci_high": high})
             rows.append({"dataset": name, "metric": metric, "score": est.mean, "stderr": est.stderr,
                          "ci_low": low, "ci_high": high, "n": est.n})  # fmt: skip
-        metrics[name] = metrics[f"acc_{name}_{primary_metric(name, scores)}"]
+        primary = f"acc_{name}_{primary_metric(name, scores)}"
+        metrics[name] = metrics[primary]  # the dataset's headline: its primary metric
+        metrics[f"{name}_stderr"] = metrics[f"{primary}_stderr"]
+        metrics[f"{name}_n"] = metrics[f"{primary}_n"]
     return BenchmarkResult(
         metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
         tables={"accuracy_table.json": rows},
