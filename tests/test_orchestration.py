@@ -123,7 +123,18 @@ def main_sweep(case: Case):
     client, parents, _ = case.runs()
     runs_after_dry_runs = len(client.search_runs([parents[0].info.experiment_id]))
     again = case.sweep(*MAIN, "rerun=[fakebench]")
-    return first, jobs, again, (dry_before, recorded_before, dry_after, dry_rerun, runs_after_dry_runs)
+    _, parents, _ = case.runs()
+    # the report of the second sweep against the first, on demand, from MLflow alone
+    report_cmd = [sys.executable, "-m", "qsweep.report", "--sweep", parents[1].info.run_id,
+                  "--against", parents[0].info.run_id, "--out", str(case.tmp / "on-demand"),
+                  f"paths.mlruns={case.store}"]  # fmt: skip
+    started = time.monotonic()
+    on_demand = subprocess.run(
+        report_cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    on_demand_s = time.monotonic() - started
+    return first, jobs, again, (dry_before, recorded_before, dry_after, dry_rerun, runs_after_dry_runs), (
+        on_demand, on_demand_s)  # fmt: skip
 
 
 def test_sweep_skips_compares_gates_and_summarizes(outcomes):
@@ -172,8 +183,39 @@ def test_sweep_skips_compares_gates_and_summarizes(outcomes):
     assert "MISSED GATES: ppl_ratio" in summary
 
 
+def test_every_sweep_ends_with_a_report_in_its_folder_and_on_its_parent_run(outcomes):
+    case, (done, jobs, again, _, (on_demand, on_demand_s)) = outcome(outcomes, "main_sweep")
+    client, parents, _ = case.runs()
+    folder = Path(parents[0].data.tags["qsweep.sweep_dir"]) / "report"
+    assert f"report: {folder / 'report.html'}" in done.stdout
+    markdown = (folder / "report.md").read_text()
+    # one row per job that ran (skipped pairs are not evidence), its quality against the baseline
+    for name in ("fake-model/none/fake", "fake-model/fake-q4/fake", "fake-model/fake-q2/fake"):
+        assert f"| {name} |" in markdown
+    q4 = jobs["fake-model/fake-q4/fake"].data.metrics
+    assert f"{q4['ppl_ratio']:.4f} [{q4['ppl_ratio_ci_low']:.4f}, {q4['ppl_ratio_ci_high']:.4f}]" in markdown
+    assert (
+        "**best quality**" in markdown and "![quality_vs_bits.png](figures/quality_vs_bits.png)" in markdown
+    )
+    csv_lines = (folder / "report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,job,method,engine") and len(csv_lines) == 1 + 4  # 4 jobs ran
+    assert (folder / "figures" / "quality_vs_bits.png").stat().st_size > 10_000
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/report.csv", "report/figures"} <= logged
+    assert parents[0].data.tags["mlflow.note.content"].startswith("qsweep report")
+    # the experiment opens as a model-training experiment in the MLflow UI
+    assert client.get_experiment(parents[0].info.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development")  # fmt: skip
+    # on demand: seconds, no model, the change of every headline figure since the first sweep
+    assert on_demand.returncode == 0, on_demand.stderr[-3000:]
+    assert on_demand_s < 60, on_demand_s
+    compared = (case.tmp / "on-demand" / "report.md").read_text()
+    assert "against sweep " in compared and "| fake-model/fake-q4/fake | " in compared
+    assert f"{q4['ppl']:.4f} → {q4['ppl']:.4f}" in compared  # ppl was reused: unchanged
+
+
 def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
-    case, (_, first, again, _) = outcome(outcomes, "main_sweep")
+    case, (_, first, again, _, _) = outcome(outcomes, "main_sweep")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (
         again.stdout.count("stage benchmark_fakebench ...") == 4 and "stage benchmark_ppl" not in again.stdout
@@ -197,7 +239,9 @@ def test_a_rerun_of_one_benchmark_reuses_every_other_result(outcomes):
 
 
 def test_dry_runs_say_what_would_be_built_reused_or_measured_and_record_nothing(outcomes):
-    case, (_, jobs, _, (before, recorded_before, after, rerun, runs_after)) = outcome(outcomes, "main_sweep")
+    case, (_, jobs, _, (before, recorded_before, after, rerun, runs_after), _) = outcome(
+        outcomes, "main_sweep"
+    )
     for done in (before, after, rerun):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # before anything ran: everything to build and measure, nothing to estimate from, nothing written
