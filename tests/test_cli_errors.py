@@ -43,6 +43,13 @@ CASES = [
     (["benchmark=[kld]", "benchmark.kld.n_ctx=511"], "even n_ctx", "benchmark.kld"),
     (["+gates.extra.ppl_ratio=1.05"], "must end in _min or _max", "gates.extra.ppl_ratio"),
     (["rerun=[quantise]"], "rerun=['quantise']: nothing by that name", "quantize"),
+    (["benchmark.perf.slo.ttft_p99_ms=-5"], "benchmark.perf.slo needs positive limits", "slo.ttft_p99_ms="),
+    (
+        ["benchmark=[accuracy]", "benchmark.accuracy.at_capacity=true"],
+        "at_capacity=true needs the load test's capacity",
+        "benchmark.perf.slo.ttft_p99_ms",
+    ),
+    (["report.min_recovery=high"], "min_recovery", "high"),
     (
         ["method=gguf-q4_k_m", "method.quant_type=???"],
         "method.quant_type has no value",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from qsweep.envs import StageEnv
 pytestmark = pytest.mark.slow
 
 SMALL = ["benchmark.ppl.max_tokens=2048"]
+# the default sweep's load test with a latency objective: evalscope's SLA search finds each job's capacity
+OBJECTIVE = ["benchmark.perf.slo.ttft_p99_ms=1000", "benchmark.perf.slo.max_concurrency=4"]
 PPL_ONLY = "benchmark=[ppl]"  # tests about other things skip the default short load test
 
 
@@ -25,8 +28,8 @@ def runs(tmp_path):
     return client, every
 
 
-def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
-    done = run_cli("-m", *SMALL, tmp=tmp_path)
+def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, llamacpp_env):
+    done = run_cli("-m", *SMALL, *OBJECTIVE, tmp=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 job(s) composed and checked" in done.stdout
     for stage in ("model", "quantize", "serve", "benchmark_ppl", "benchmark_perf"):
@@ -44,8 +47,11 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         for key in ("ppl", "ppl_err", "artifact_size_mb", "bits_per_weight", "quantize_s", "server_start_s"):
             assert key in m, key
-        # the default sweep's short load test ran on the same server, with a fair slot count
+        # the default sweep's short load test ran on the same server, with a fair slot count, and
+        # found the highest concurrency meeting the objective (0 when even one user misses it)
         assert m["perf_success_rate_min"] == 1 and p["served.parallel"] == "4"
+        assert m["perf_capacity"] in (0, 1, 2, 3, 4) and m["perf_slo_probes"] >= 1
+        assert p["benchmark.perf.slo.ttft_p99_ms"] == "1000.0" and m["server_peak_rss_mb"] > 100
         curve = client.get_metric_history(run.info.run_id, "perf_output_tok_s")
         assert sorted(point.step for point in curve) == [1, 4] and all(pt.value > 0 for pt in curve)
         assert p["choice.method"] == p["method.name"] and p["choice.engine"] == "llamacpp"
@@ -77,13 +83,14 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
     # reused; each job starts its server once, to measure kld only (and the load test where the
     # first one was measured on a busy machine, which is never reused).
     first_runs = {r.data.params["method.name"]: r for r in children}
-    plan = run_cli("-m", *SMALL, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024", "dry_run=true",
-                   tmp=tmp_path)  # fmt: skip
+    plan = run_cli("-m", *SMALL, *OBJECTIVE, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024",
+                   "dry_run=true", tmp=tmp_path)  # fmt: skip
     assert plan.returncode == 0 and "3 job(s): 3 run" in plan.stdout, plan.stdout[-3000:]
     for method, run in first_runs.items():
         assert f"ppl: reused from run {run.info.run_id}" in plan.stdout, method
     assert plan.stdout.count("kld: to measure") == 3
-    again = run_cli("-m", *SMALL, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024", tmp=tmp_path)
+    again = run_cli("-m", *SMALL, *OBJECTIVE, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024",
+                    tmp=tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("starting llama-server") == 3
     assert again.stdout.count("stage benchmark_kld ...") == 3 and "stage benchmark_ppl" not in again.stdout
@@ -100,6 +107,62 @@ def test_default_sweep_end_to_end_then_fully_cached(tmp_path, llamacpp_env):
         assert run.data.tags["qsweep.reused"] == "partly" and "qsweep.reused.kld" not in run.data.tags
         if method != "none":
             assert run.data.metrics["kld_mean"] > 0 and run.data.metrics["ppl_ratio"] > 1
+
+    # The second sweep's report (issue 11): printed, logged to its parent run, and readable in a browser.
+    html = Path(re.search(r"report: (\S+report\.html)", again.stdout).group(1))
+    markdown = (html.parent / "report.md").read_text()
+    for run in second:
+        m = run.data.metrics
+        assert f"| {run.info.run_name} |" in markdown
+        if "ppl_ratio" in m:
+            assert (
+                f"{m['ppl_ratio']:.4f} [{m['ppl_ratio_ci_low']:.4f}, {m['ppl_ratio_ci_high']:.4f}]"
+                in markdown
+            )
+            assert f"{m['kld_mean']:.4f} / {m['kld_p99']:.4f}" in markdown
+    assert "users served within p99_ttft<=1000.0ms" in markdown  # saturation ranked by capacity
+    client, every = runs(tmp_path)
+    parent = [r for r in every if r.data.tags.get("qsweep.kind") == "sweep"][-1]
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "report/figures")}
+    assert figures == {
+        f"report/figures/{n}" for n in ("pareto.png", "perf_curves.png", "quality_vs_bits.png")
+    }
+    page = render_in_browser(html, tmp_path / "report.png")
+    assert page["rows"] == 3 and page["plots"] == 3, page
+    for name, (width, spread) in page["images"].items():
+        assert width > 300 and spread > 10, (name, width, spread)  # drawn, not blank
+
+
+def render_in_browser(html: Path, screenshot: Path) -> dict:
+    """The report page in headless Chromium (Debian's, driven by playwright): the evidence table's
+    rows, and each plot's decoded width and pixel spread (a blank image has none)."""
+    import io
+    import shutil
+
+    from PIL import Image, ImageStat
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium")
+    assert browser_path, (
+        "no Chromium: install it with `apt-get install -y chromium` (./setup.sh does, as root)"
+    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(html.as_uri())
+            plots = page.locator("img.plot")
+            images = {}
+            for index in range(plots.count()):
+                plot = plots.nth(index)
+                pixels = Image.open(io.BytesIO(plot.screenshot())).convert("L")
+                width = plot.evaluate("img => img.naturalWidth")
+                images[plot.get_attribute("alt")] = (width, ImageStat.Stat(pixels).stddev[0])
+            page.screenshot(path=str(screenshot), full_page=True)
+            rows = page.locator("table.evidence tbody tr").count()
+        finally:
+            browser.close()
+    return {"rows": rows, "plots": len(images), "images": images}
 
 
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):

@@ -498,3 +498,54 @@ def test_cache_rebuilds_entries_older_than_a_sweep_once(tmp_path):
     assert rebuilt.path == old.path and (rebuilt.path / "out").read_text() == "2"
     assert ArtifactCache(tmp_path).lookup("kind", {"a": 1}).hit
     assert ArtifactCache(tmp_path, rebuild_before=time.time() + 1).lookup("kind", {"a": 1}) is None
+
+
+def test_a_benchmark_that_reads_another_runs_after_it():
+    from qsweep.benchmarks import accuracy, perf, ppl
+    from qsweep.plan import after_what_they_read
+
+    at_capacity = accuracy.Config(at_capacity=True)
+    with_objective = perf.Config(slo=perf.Objective(ttft_p99_ms=500))
+    runnable = {"accuracy": (accuracy.Accuracy(), at_capacity), "ppl": (ppl.Perplexity(), ppl.Config()),
+                "perf": (perf.LoadTest(), with_objective)}  # fmt: skip
+    assert list(after_what_they_read(runnable)) == ["perf", "accuracy", "ppl"]
+    plain = {"accuracy": (accuracy.Accuracy(), accuracy.Config()), "perf": (perf.LoadTest(), with_objective)}
+    assert list(after_what_they_read(plain)) == ["accuracy", "perf"]  # as listed
+    # the objective's criteria in evalscope's spelling, and the engine sized for the search
+    assert with_objective.slo.criteria() == {"p99_ttft": "<=500ms"}
+    assert perf.LoadTest().load(with_objective).concurrency == 16
+    assert perf.LoadTest().load(perf.Config()).concurrency == 4
+
+
+def test_capacity_is_read_from_evalscopes_sla_decision():
+    from qsweep.benchmarks import perf
+
+    def probe(value, passed, tok_s):
+        metrics = {"Output Throughput (tok/s)": tok_s, "Avg TPOT (ms)": 20.0 * value}
+        percentiles = {"Percentiles": ["50%", "99%"], "TTFT (ms)": [100.0 * value, 150.0 * value]}
+        averaged = {"metrics": metrics, "percentiles": percentiles}
+        return {"value": value, "group_passes": {"1": passed}, "request_gate_passed": True,
+                "success_rate": 100.0, "averaged_result": averaged}  # fmt: skip
+
+    decision = {"selections": [{"selected_value": 2}],
+                "probes": [probe(1, True, 50.0), probe(2, True, 80.0), probe(4, False, 90.0)]}  # fmt: skip
+    result = perf.capacity_result(decision)
+    assert result.metrics["perf_capacity"] == 2 and result.metrics["perf_capacity_output_tok_s"] == 80.0
+    assert (
+        result.metrics["perf_capacity_ttft_ms_p99"] == 300.0
+        and result.metrics["perf_capacity_tpot_ms_mean"] == 40
+    )
+    rows = result.tables["perf_slo_probes.json"]
+    assert [(r["concurrency"], r["meets_objective"]) for r in rows] == [(1, True), (2, True), (4, False)]
+    nobody = perf.capacity_result(
+        {"selections": [{"selected_value": None}], "probes": [probe(1, False, 9.0)]}
+    )
+    assert nobody.metrics["perf_capacity"] == 0 and "perf_capacity_output_tok_s" not in nobody.metrics
+
+
+def test_answer_flips_count_samples_that_changed_side():
+    from qsweep import stats
+
+    base = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 1.0}
+    quantized = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 0.0, "f": 1.0}  # f: not in both
+    assert stats.flips(quantized, base) == (2, 1)

@@ -19,6 +19,9 @@ class JobContext:
     log_dir: Path  # this job's own folder; every file here is logged to its MLflow run
     envs_dir: Path  # where the stage environments are (`paths.envs`)
     notes: list[str] = field(default_factory=list)  # things the user should know; tagged on the run
+    # Metrics measured or reused so far in this job, for a benchmark that reads an earlier one's
+    # (`Benchmark.after`), e.g. accuracy at the load test's capacity.
+    results: dict[str, float] = field(default_factory=dict)
 
     def log(self, name: str) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,23 @@ def benchmark_order(overrides: list[str]) -> list[str]:
     return list(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
 
 
+def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str, tuple[Benchmark, Any]]:
+    """The benchmarks in their order, each moved after those it reads results from (`after`)."""
+    ordered: dict[str, tuple[Benchmark, Any]] = {}
+
+    def place(name: str, seen: tuple[str, ...] = ()) -> None:
+        if name in ordered or name not in runnable or name in seen:
+            return
+        benchmark, cfg = runnable[name]
+        for earlier in benchmark.after(cfg):
+            place(earlier, (*seen, name))
+        ordered[name] = runnable[name]
+
+    for name in runnable:
+        place(name)
+    return ordered
+
+
 def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ()) -> JobPlan:
     """Check one composed job and decide what it will do; raises QsweepError naming the fix.
     `order` lists benchmark names in the order to run them (`benchmark_order`)."""
@@ -165,6 +182,9 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         else:
             runnable[name] = (benchmark, bench_cfg)
 
+    runnable = after_what_they_read(runnable)
+    for benchmark, bench_cfg in runnable.values():
+        benchmark.check_selection(bench_cfg, {name: c for name, (_, c) in runnable.items()})
     load = functools.reduce(Load.combine, (b.load(c) for b, c in runnable.values()), Load())
     fitted = engine.fit(engine_cfg, load)
     before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)

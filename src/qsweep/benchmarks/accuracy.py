@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from qsweep import envs, evaldata, procs, stats
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
@@ -46,6 +48,9 @@ class Config:
     limit: int | None = 20  # samples per dataset (evenly spaced); null: all. CPU runs want it small.
     max_tokens: int = 512  # generation budget per answer
     concurrency: int = 1  # requests in flight (evalscope's eval_batch_size)
+    # Run at the load test's capacity under its latency objective instead (benchmark perf with
+    # an `slo`, measured first in the same job): quality at the load a deployment would carry.
+    at_capacity: bool = False
     source: DataSource = DataSource.wheels
     timeout_s: int = neutral(7200)
 
@@ -75,7 +80,19 @@ class Accuracy(Benchmark):
         if not cfg.datasets or (cfg.limit is not None and cfg.limit < 1) or cfg.max_tokens < 1:
             raise QsweepError("benchmark.accuracy needs datasets, limit >= 1 (or null) and max_tokens >= 1")
 
+    def after(self, cfg: Config) -> tuple[str, ...]:
+        return ("perf",) if cfg.at_capacity else ()
+
+    def check_selection(self, cfg: Config, selected: Mapping[str, Any]) -> None:
+        perf = selected.get("perf")
+        if cfg.at_capacity and (perf is None or not perf.slo.criteria()):
+            raise QsweepError(
+                "benchmark.accuracy.at_capacity=true needs the load test's capacity: add perf to "
+                "benchmark=[...] with a latency objective, e.g. benchmark.perf.slo.ttft_p99_ms=2000"
+            )
+
     def load(self, cfg: Config) -> Load:
+        # at capacity, the concurrency is the load test's, which is sized for its search already
         return Load(concurrency=cfg.concurrency, tokens_per_request=PROMPT_TOKENS + cfg.max_tokens)
 
     def data_key(self, cfg: Config, ctx: JobContext) -> dict:
@@ -101,7 +118,16 @@ class Accuracy(Benchmark):
             extra_env["NLTK_DATA"] = str(evaldata.punkt_dir(ctx.artifact_cache))
         # evalscope's progress logger breaks on a disabled tqdm
         environ = env.environ(progress_bars=True, **extra_env)
-        log.info("  accuracy: %s (%s samples each)", ", ".join(cfg.datasets), cfg.limit or "all")
+        concurrency = cfg.concurrency
+        if cfg.at_capacity:
+            concurrency = int(ctx.results.get("perf_capacity", 0))
+            if concurrency < 1:
+                ctx.note("no concurrency met the latency objective: accuracy measured with one user")
+                concurrency = 1
+        log.info(
+            "  accuracy: %s (%s samples each, %d at a time)",
+            ", ".join(cfg.datasets), cfg.limit or "all", concurrency,
+        )  # fmt: skip
         cmd = [
             env.root / "bin" / "evalscope", "eval",
             "--model", model,
@@ -111,7 +137,7 @@ class Accuracy(Benchmark):
             "--datasets", *cfg.datasets,
             "--dataset-args", json.dumps(dataset_args),
             "--generation-config", json.dumps({"max_tokens": cfg.max_tokens, "temperature": 0.0}),
-            "--eval-batch-size", str(cfg.concurrency),
+            "--eval-batch-size", str(concurrency),
             "--work-dir", out,
             "--no-timestamp",
             *(["--limit", str(cfg.limit)] if cfg.source is DataSource.hub and cfg.limit else []),
@@ -119,7 +145,9 @@ class Accuracy(Benchmark):
         procs.run(
             cmd, log_path=ctx.log("accuracy.log"), timeout_s=cfg.timeout_s, what="evalscope eval", env=environ
         )
-        return summarize(out / "reviews" / model, cfg.datasets, out)
+        result = summarize(out / "reviews" / model, cfg.datasets, out)
+        result.metrics["acc_concurrency"] = float(concurrency)
+        return result
 
     def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
         """Per dataset, the primary metric's delta against the baseline (paired over the same samples),

@@ -9,6 +9,7 @@ Its config gets its place in the `benchmark` container from the registration.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from qsweep.context import BenchmarkResult, JobContext
@@ -36,6 +37,14 @@ class Benchmark(ABC):
 
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    def after(self, cfg: Any) -> tuple[str, ...]:
+        """Benchmarks whose results this one reads (`ctx.results`): they run before it in the job."""
+        return ()
+
+    def check_selection(self, cfg: Any, selected: Mapping[str, Any]) -> None:  # noqa: B027 - optional
+        """Pre-flight check against the job's other selected benchmarks (name -> config); raise
+        QsweepError naming the fix."""
 
     def load(self, cfg: Any) -> Load:
         """What it asks of the engine: the engine is sized for the largest load of a job's benchmarks."""

@@ -115,7 +115,9 @@ def _v(number: float) -> Value | None:
 
 
 def constraints_text(cfg: ReportConfig) -> str:
-    parts = [f"quality >= {cfg.min_recovery} of the baseline"]
+    parts = []
+    if cfg.min_recovery is not None:
+        parts.append(f"accuracy recovery >= {cfg.min_recovery}")
     if cfg.max_ppl_ratio is not None:
         parts.append(f"perplexity ratio <= {cfg.max_ppl_ratio}")
     if cfg.max_memory_mb is not None:

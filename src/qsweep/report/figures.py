@@ -25,8 +25,11 @@ def label(row: JobRow) -> str:
 def speed_axis(rows: list[JobRow], cfg: ReportConfig) -> tuple[str, dict[str, Value]]:
     """The Pareto chart's x: capacity under the objective where every job has one, else output
     tok/s at `cfg.concurrency` (default: the highest level measured by every job)."""
+    if rows and all(not math.isnan(r.capacity_tok_s) for r in rows):
+        # capacities are often equal (the search's bound): the throughput there tells them apart
+        values = {r.name: Value(r.capacity_tok_s) for r in rows}
+        return f"output tok/s at each job's capacity within {rows[0].objective}", values
     if rows and all(not math.isnan(r.capacity) for r in rows):
-        # a search's answer carries no error bar of its own
         return f"users served within {rows[0].objective}", {r.name: Value(r.capacity) for r in rows}
     common = set.intersection(*(set(r.levels) for r in rows)) if rows else set()
     level = cfg.concurrency if cfg.concurrency is not None else max(common, default=None)
@@ -61,10 +64,14 @@ def pareto(rows: list[JobRow], cfg: ReportConfig) -> Figure | None:
         yerr = stats.Z95 * y.stderr if not math.isnan(y.stderr) else None
         ax.errorbar(x.mean, y.mean, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.45", capsize=3, zorder=1)
         ax.scatter([x.mean], [y.mean], s=area, alpha=0.7, zorder=2, label=f"{label(row)} ({mb:.0f} MB)")
-        ax.annotate(label(row), (x.mean, y.mean), textcoords="offset points", xytext=(8, 6), fontsize=8)
+        text = label(row) + (f", {row.capacity:.0f} users" if "capacity" in xlabel else "")
+        ax.annotate(text, (x.mean, y.mean), textcoords="offset points", xytext=(8, 6), fontsize=8)
     edge = frontier([(x.mean, y.mean) for _, x, (_, y) in points])
     ax.plot([p[0] for p in edge], [p[1] for p in edge], "--", color="tab:red", lw=1.2, label="frontier")
-    ax.axhline(cfg.min_recovery, color="0.6", lw=0.8, ls=":", label=f"quality floor {cfg.min_recovery}")
+    kind = points[0][2][0]
+    floor = cfg.min_recovery if kind == "recovery" else 1 / cfg.max_ppl_ratio if cfg.max_ppl_ratio else None
+    if floor is not None:
+        ax.axhline(floor, color="0.6", lw=0.8, ls=":", label=f"quality floor {floor:.3f}")
     if "tok/s" in xlabel and any(math.isnan(x.stderr) for _, x, _ in points):
         xlabel += f" (bars: {cfg.speed_noise:.0%} assumed run-to-run noise where measured once)"
     ax.set_xlabel(xlabel)
