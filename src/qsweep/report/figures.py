@@ -73,7 +73,7 @@ def pareto(rows: list[JobRow], cfg: ReportConfig) -> Figure | None:
     if floor is not None:
         ax.axhline(floor, color="0.6", lw=0.8, ls=":", label=f"quality floor {floor:.3f}")
     if "tok/s" in xlabel and any(math.isnan(x.stderr) for _, x, _ in points):
-        xlabel += f" (bars: {cfg.speed_noise:.0%} assumed run-to-run noise where measured once)"
+        xlabel += f"\n(bars: {cfg.speed_noise:.0%} assumed run-to-run noise where a load test ran once)"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"quality vs baseline ({points[0][2][0]}), 95% interval")
     measured = all(not math.isnan(r.memory_mb) for r, _, _ in points)
