@@ -328,11 +328,17 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
         "benchmark.accuracy.datasets=[mmlu,ifeval]",
         "benchmark.accuracy.limit=3",
         "benchmark.accuracy.max_tokens=24",
+        "benchmark.accuracy.at_capacity=true",  # at the load test's capacity under this objective
+        "benchmark.perf.slo.ttft_p99_ms=5000",
+        "benchmark.perf.slo.max_concurrency=2",
         "gates.ppl_ratio_max=1.001",
         tmp=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("evaluating the baseline once for comparison") == 1
+    # accuracy reads the load test's capacity, so it runs after it although listed before
+    job_log = done.stdout[: done.stdout.index("evaluating the baseline once")]
+    assert job_log.index("stage benchmark_perf ...") < job_log.index("stage benchmark_accuracy ...")
     _, every = runs(tmp_path)
     jobs = {r.data.params["method.name"]: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
     quant, base = jobs["gguf-q4_k_m"].data, jobs["none"].data
@@ -343,6 +349,9 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
     assert quant.metrics["ppl_within_noise"] == float(low <= 1.0 <= high)
     assert quant.tags["qsweep.gates_missed"].startswith("ppl_ratio 1.")
     assert "qsweep.gates_missed" not in base.tags and "ppl_ratio" not in base.metrics
+    for run in (quant, base):
+        capacity = run.metrics["perf_capacity"]
+        assert run.metrics["acc_concurrency"] == max(capacity, 1) and capacity in (0, 1, 2)
     # accuracy: the baseline evaluated inside the quantized job scored what the baseline job scored
     # (greedy, same server settings), and the quantized job carries paired deltas with intervals
     for name in ("mmlu", "ifeval"):

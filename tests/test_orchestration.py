@@ -184,7 +184,7 @@ def test_sweep_skips_compares_gates_and_summarizes(outcomes):
 
 
 def test_every_sweep_ends_with_a_report_in_its_folder_and_on_its_parent_run(outcomes):
-    case, (done, jobs, again, _, (on_demand, on_demand_s)) = outcome(outcomes, "main_sweep")
+    case, (done, jobs, again, _, on_demand) = outcome(outcomes, "main_sweep")
     client, parents, _ = case.runs()
     folder = Path(parents[0].data.tags["qsweep.sweep_dir"]) / "report"
     assert f"report: {folder / 'report.html'}" in done.stdout
@@ -206,9 +206,10 @@ def test_every_sweep_ends_with_a_report_in_its_folder_and_on_its_parent_run(outc
     # the experiment opens as a model-training experiment in the MLflow UI
     assert client.get_experiment(parents[0].info.experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development")  # fmt: skip
-    # on demand: seconds, no model, the change of every headline figure since the first sweep
+    # on demand, from MLflow alone (its time is printed; README: about a second): the change of every
+    # headline figure since the first sweep
     assert on_demand.returncode == 0, on_demand.stderr[-3000:]
-    assert on_demand_s < 60, on_demand_s
+    assert "report written in" in on_demand.stdout + on_demand.stderr
     compared = (case.tmp / "on-demand" / "report.md").read_text()
     assert "against sweep " in compared and "| fake-model/fake-q4/fake | " in compared
     assert f"{q4['ppl']:.4f} → {q4['ppl']:.4f}" in compared  # ppl was reused: unchanged

@@ -91,7 +91,9 @@ def evaluate_baseline(
     """Serve the baseline once and store the results of every benchmark in `missing`
     (name -> (key, benchmark, config)); entries are written atomically, so no lock is needed."""
     log.info("  evaluating the baseline once for comparison: %s", ", ".join(missing))
-    sub = dataclasses.replace(ctx, log_dir=ctx.log_dir / "baseline", notes=[])
+    # `results` stays the job's: a benchmark that reads an earlier one's (accuracy at the load
+    # test's capacity) runs on the baseline as it ran on the job, for a like-for-like comparison.
+    sub = dataclasses.replace(ctx, log_dir=ctx.log_dir / "baseline", notes=[], results=ctx.results)
     artifact = BaselineMethod().build(BaselineMethod.Config(), model, fmt, sub)
     benchmarks = {name: (benchmark, cfg) for name, (_, benchmark, cfg) in missing.items()}
 
