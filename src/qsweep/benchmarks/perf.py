@@ -236,15 +236,7 @@ class LoadTest(Benchmark):
                 "--outputs-dir", out,
                 "--name", name,
             ]  # fmt: skip
-            procs.run(
-                cmd,
-                log_path=ctx.log("perf.log"),
-                timeout_s=cfg.timeout_s,
-                what="evalscope perf",
-                env=environ,
-                cwd=ctx.log_dir,
-                progress=lambda: level_progress(ctx.log("perf.log")),
-            )
+            run_evalscope(cmd, "perf.log", "evalscope perf", cfg, ctx, environ)
             for c, n in zip(levels, numbers, strict=True):
                 level_dir = out / name / f"parallel_{c}_number_{n}"
                 if not (level_dir / "benchmark_summary.json").is_file():
@@ -260,6 +252,19 @@ class LoadTest(Benchmark):
             result.metrics.update(search.metrics)
             result.tables["perf_slo_probes.json"] = search.tables["perf_slo_probes.json"]
         return result
+
+
+def run_evalscope(cmd: list, log_name: str, what: str, cfg: Config, ctx: JobContext, environ: dict) -> None:
+    """One evalscope perf command, logged to `log_name`, its progress told from that log."""
+    procs.run(
+        cmd,
+        log_path=ctx.log(log_name),
+        timeout_s=cfg.timeout_s,
+        what=what,
+        env=environ,
+        cwd=ctx.log_dir,
+        progress=lambda: level_progress(ctx.log(log_name)),
+    )
 
 
 def request_args(cfg: Config, served: ServedModel, tokenizer: Path) -> list:
@@ -311,15 +316,7 @@ def find_capacity(
         "--sla-lower-bound", "1", "--sla-upper-bound", str(cfg.slo.max_concurrency),
         "--sla-number-multiplier", str(cfg.requests_per_level),
     ]  # fmt: skip
-    procs.run(
-        cmd,
-        log_path=ctx.log("perf_slo.log"),
-        timeout_s=cfg.timeout_s,
-        what="evalscope perf SLA search",
-        env=environ,
-        cwd=ctx.log_dir,
-        progress=lambda: level_progress(ctx.log("perf_slo.log")),
-    )
+    run_evalscope(cmd, "perf_slo.log", "evalscope perf SLA search", cfg, ctx, environ)
     return capacity_result(json.loads(decision.read_text()))
 
 
