@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,38 @@ CASES = [
         "benchmark.perf.slo.ttft_p99_ms",
     ),
     (["report.min_recovery=high"], "min_recovery", "high"),
+    (["method=gptq", "method.group_size=-1"], "group_size=-1 must be a positive power of two", "use 128"),
+    (["method=gptq", "method.group_size=0"], "group_size=0 must be a positive power of two", "use 128"),
+    (["method=gptq", "method.group_size=7"], "group_size=7 must be a positive power of two", "use 8"),
+    (["method=gptq", "method.scheme=W17A16"], "scheme=W17A16 is not a compressed-tensors preset", "W4A16"),
+    (["method=gptq", "method.scheme=w4a16"], "did you mean W4A16?", "choose from"),
+    (["benchmark.ppl.n_ctx=100000"], "benchmark ppl needs 100000-token sequences", "context of 8192 tokens"),
+    (["benchmark.ppl.max_tokens=-5"], "benchmark.ppl.max_tokens=-5 scores no chunk", "at least 512"),
+    (["engine.port=70000"], "engine.port=70000 is not a port", "0 for a free one"),
+    (["engine.startup_timeout_s=0"], "engine.startup_timeout_s=0 must be at least 1", "engine."),
+    (["benchmark.perf.input_tokens=9000"], "benchmark perf needs", "lower benchmark.perf's"),
+    (
+        ["method=gptq", "calibration.source=jsonl", "calibration.path=tests/data/empty-calibration.jsonl"],
+        "holds no rows",
+        "text",
+    ),
+    (["method=gptq", "calibration.source=jsonl", "calibration.path=/etc/hostname"], "is not JSON", "line 1"),
+    (["tracking.uri=foo://bar"], "tracking.uri=foo://bar is not a store MLflow can track to", "http(s)://"),
+    (
+        ["tracking.uri=http://127.0.0.1:9"],
+        "tracking.uri=http://127.0.0.1:9 does not answer",
+        "start the server",
+    ),
+    (
+        ["paths.mlruns=/etc/hostname/runs"],
+        "paths.mlruns=/etc/hostname/runs cannot be created",
+        "not a folder",
+    ),
+    (
+        ["paths.model_cache=/etc/hostname/m"],
+        "paths.model_cache=/etc/hostname/m cannot be",
+        "fix paths.model_cache",
+    ),
     (
         ["method=gguf-q4_k_m", "method.quant_type=???"],
         "method.quant_type has no value",
@@ -80,7 +113,10 @@ def outcomes(tmp_path_factory):
         patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
 
         def run(case: str, args: list[str]):
-            return case, run_cli(*args, tmp=folders[case], timeout_s=120)
+            # run_cli sets paths.mlruns itself: a case about it passes its own that way
+            mlruns = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("paths.mlruns=")), None)
+            rest = [a for a in args if not a.startswith("paths.mlruns=")]
+            return case, run_cli(*rest, tmp=folders[case], timeout_s=120, mlruns=mlruns)
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             done = dict(pool.map(lambda item: run(*item), zip(IDS, (c[0] for c in CASES), strict=True)))

@@ -549,3 +549,25 @@ def test_answer_flips_count_samples_that_changed_side():
     base = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 1.0}
     quantized = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 0.0, "f": 1.0}  # f: not in both
     assert stats.flips(quantized, base) == (2, 1)
+
+
+@pytest.mark.slow
+def test_the_scheme_list_is_the_installed_compressed_tensors_presets():
+    """The pre-flight's scheme list (methods/llmcompressor.py) against compressed-tensors itself, in
+    the quantize stage environment the set-up built."""
+    import subprocess
+
+    from conftest import REAL_ENVS
+    from qsweep.envs import QUANTIZE, StageEnv
+    from qsweep.methods.llmcompressor import SCHEMES
+
+    env = StageEnv(QUANTIZE.name, REAL_ENVS)
+    code = (
+        "import json; from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as P; "
+        "print(json.dumps(list(P)))"
+    )
+    done = subprocess.run(
+        [env.python, "-c", code], capture_output=True, text=True, timeout=300, env=env.environ()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(SCHEMES) == sorted(json.loads(done.stdout.strip().splitlines()[-1]))

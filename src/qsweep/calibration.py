@@ -55,12 +55,39 @@ def check(cal: CalibrationConfig) -> None:
     if cal.source is CalibrationSource.jsonl:
         if not cal.path or not Path(cal.path).expanduser().is_file():
             raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
+        check_jsonl(Path(cal.path).expanduser())
     elif cal.source is CalibrationSource.chat:
         source_file(cal.chat)
     else:
         source_file(cal.text)
     if cal.num_samples < 1 or cal.seq_len < 16:
         raise QsweepError("calibration needs num_samples >= 1 and seq_len >= 16: fix calibration.*")
+
+
+def check_jsonl(path: Path) -> None:
+    """Every line of a calibration JSONL decodes to a row with non-empty `text` or `messages`, and
+    there is at least one."""
+    rows = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise QsweepError(
+                        f"calibration file '{path}' line {number} is not JSON: fix the file"
+                    ) from None
+                if not isinstance(row, dict) or not (row.get("text") or row.get("messages")):
+                    raise QsweepError(
+                        f"calibration file '{path}' line {number} has no 'text' or 'messages': fix the file"
+                    )
+                rows += 1
+    except UnicodeDecodeError:
+        raise QsweepError(f"calibration file '{path}' is not UTF-8 text: fix calibration.path") from None
+    if rows == 0:
+        raise QsweepError(f"calibration file '{path}' holds no rows: give it {{\"text\": ...}} lines")
 
 
 # ShareGPT speakers -> chat-template roles.
@@ -174,6 +201,7 @@ def calibration_file(cal: CalibrationConfig, cache: ArtifactCache) -> tuple[Path
     if cal.source is CalibrationSource.jsonl:
         if not cal.path or not Path(cal.path).expanduser().is_file():
             raise QsweepError(f"calibration file '{cal.path}' does not exist: fix calibration.path")
+        check_jsonl(Path(cal.path).expanduser())
         path = Path(cal.path).expanduser().resolve()
         return path, file_sha256(path)
     key, content = _key_and_content(cal, cache)

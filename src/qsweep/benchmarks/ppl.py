@@ -63,6 +63,11 @@ class Perplexity(Benchmark):
     def check(self, cfg: Config) -> None:
         if cfg.n_ctx < 4 or cfg.n_ctx % 2:
             raise QsweepError(f"benchmark.ppl.n_ctx={cfg.n_ctx} must be an even number >= 4")
+        if cfg.max_tokens < cfg.n_ctx:
+            raise QsweepError(
+                f"benchmark.ppl.max_tokens={cfg.max_tokens} scores no chunk of n_ctx={cfg.n_ctx}: "
+                f"set it to at least {cfg.n_ctx}"
+            )
         source_file(cfg.text)
 
     def load(self, cfg: Config) -> Load:

@@ -4,8 +4,10 @@ Output: a compressed-tensors checkpoint with recipe.yaml (GPTQModel: the classic
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,8 +51,29 @@ class Config:
     timeout_s: int = 7200
 
 
+# compressed-tensors 0.19's PRESET_SCHEMES (envs/quantize-*.txt pins it; a test compares this list
+# with the installed package's), so a scheme typo is refused before the stage environment runs.
+SCHEMES = (
+    "UNQUANTIZED", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16",
+    "NVFP4", "MXFP4A16", "MXFP4", "MXFP8A16", "MXFP8", "W2A4", "W2A8", "W2A16", "W3A4", "W3A8", "W3A16",
+    "W4A4", "W4A8", "W4A16", "W5A8", "W5A16", "W6A8", "W6A16", "W7A8", "W7A16", "W8A16",
+)  # fmt: skip
+
+
 def check(cfg: Config) -> None:
     """Side-effect-free validation at pre-flight."""
+    if not cfg.recipe and cfg.scheme not in SCHEMES:
+        near = difflib.get_close_matches(cfg.scheme.upper(), SCHEMES, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise QsweepError(f"method.scheme={cfg.scheme} is not a compressed-tensors preset: {hint}"
+                          f"choose from {', '.join(SCHEMES)}")  # fmt: skip
+    if cfg.group_size is not None and (cfg.group_size < 1 or cfg.group_size & (cfg.group_size - 1)):
+        # the layer widths it must divide are multiples of powers of two (qsweep lowers it to the
+        # largest power of two dividing them, logged as method.effective_group_size)
+        nearest = 1 << max(0, round(math.log2(cfg.group_size))) if cfg.group_size > 0 else 128
+        raise QsweepError(
+            f"method.group_size={cfg.group_size} must be a positive power of two: use {nearest}"
+        )
     if cfg.backend is Backend.gptqmodel and (cfg.algorithm is not Algorithm.gptq or cfg.recipe):
         raise QsweepError(
             f"method.backend=gptqmodel runs GPTQ only, not {cfg.algorithm.value}: use method=gptq"
