@@ -275,6 +275,28 @@ def failures(case: Case):
     )
 
 
+@scenario
+def fail_fast(case: Case):
+    return case.sweep("-m", "method=none,fake-broken,fake-q4", "engine=fake", "benchmark=[fakebench]",
+                      "fail_fast=true")  # fmt: skip
+
+
+def test_fail_fast_stops_the_sweep_at_its_first_failure_and_marks_the_rest_not_run(outcomes):
+    case, done = outcome(outcomes, "fail_fast")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    _, parents, jobs = case.runs()
+    assert {name: r.info.status for name, r in jobs.items()} == {
+        "fake-model/none/fake": "FINISHED",
+        "fake-model/fake-broken/fake": "FAILED",
+        "fake-model/fake-q4/fake": "FINISHED",  # recorded as skipped: a finished run with the reason
+    }
+    not_run = jobs["fake-model/fake-q4/fake"].data
+    why = "not run: fail_fast=true and job fake-model/fake-broken/fake failed"
+    assert not_run.tags["qsweep.skipped"] == why and "fake_score" not in not_run.metrics
+    summary = done.stdout[done.stdout.index("sweep summary") :]
+    assert parents[0].info.status == "FAILED" and "SKIPPED" in summary
+
+
 def test_failures_are_recorded_the_sweep_goes_on_and_the_exit_code_says_so(outcomes):
     """A quantizer that fails, and a benchmark that fails after perplexity was measured (on the
     2-bit fake only): both jobs FAILED with their errors, the failed benchmark's job keeps the

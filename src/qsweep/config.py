@@ -61,6 +61,8 @@ class QsweepConfig:
     # Work to redo although its results exist: `rerun=[all]`, `rerun=[quantize]` (the artifacts, and
     # so every benchmark on them), or benchmark names (`rerun=[perf]`).
     rerun: list[str] = field(default_factory=list)
+    # Stop a sweep at its first failed job: the jobs after it are recorded as not run (skipped).
+    fail_fast: bool = False
     # Print what each job would do (skip, reuse, build, run, and for how long), run nothing.
     dry_run: bool = False
     # Where engines run unless an engine says otherwise (vLLM's engine.device follows it): auto

@@ -46,6 +46,11 @@ def run_job(cfg: DictConfig) -> JobOutcome:
             record.skipped(plan.skip_reason)
             log.info("job %s skipped: %s", plan.name, plan.skip_reason)
             return JobOutcome(plan.name, "SKIPPED", record.run_id)
+        failed = record.failed_siblings() if plan.fail_fast and parent else []
+        if failed:  # fail_fast: the sweep stops at its first failure; the rest are not run
+            record.skipped(f"not run: fail_fast=true and job {failed[0]} failed")
+            log.info("job %s not run: fail_fast=true and job %s failed", plan.name, failed[0])
+            return JobOutcome(plan.name, "SKIPPED", record.run_id)
         return run_stages(plan, ctx, record, job_dir)
 
 

@@ -42,6 +42,7 @@ SECTIONS = (
     "tracking",
     "rerun",
     "dry_run",
+    "fail_fast",
 )
 RERUN_STAGES = ("all", "quantize")  # besides benchmark names
 
@@ -72,6 +73,7 @@ class JobPlan:
     paths: Any = None  # where caches, environments and outputs are (PathsConfig)
     tracking: Any = None  # the MLflow store (TrackingConfig)
     dry_run: bool = False
+    fail_fast: bool = False
 
     def context(self, log_dir: Path, rebuild_before: float | None = None) -> JobContext:
         """A JobContext on this job's caches and stage environments."""
@@ -225,4 +227,5 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         paths=sections["paths"],
         tracking=sections["tracking"],
         dry_run=sections["dry_run"],
+        fail_fast=sections.get("fail_fast", False),
     )

@@ -323,6 +323,16 @@ class JobRecorder:
         log.info("job %s: MLflow run %s", plan.name, run_id)
         return recorder
 
+    def failed_siblings(self) -> list[str]:
+        """The names of this sweep's jobs recorded FAILED so far (under a parallel launcher, those
+        still running are not known yet)."""
+        run = self.client.get_run(self.run_id)
+        failed = self.client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'FAILED'",
+        )
+        return [r.info.run_name for r in failed]
+
     def skipped(self, reason: str) -> None:
         """An unsupported method x engine pair: recorded as a finished run with its reason."""
         self.heartbeat.stop()
