@@ -571,3 +571,36 @@ def test_the_scheme_list_is_the_installed_compressed_tensors_presets():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(SCHEMES) == sorted(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_damaged_cache_entry_is_reported_and_rebuilt_never_used(tmp_path, caplog):
+    from qsweep.cache import ArtifactCache
+
+    cache, builds = ArtifactCache(tmp_path), []
+
+    def build(tmp):
+        builds.append(1)
+        (tmp / "model.gguf").write_bytes(b"x" * 1000)
+        (tmp / "info.json").write_text("{}")
+
+    entry = cache.entry("gguf", {"k": 1}, build, what="a file")
+    assert cache.lookup("gguf", {"k": 1}).path == entry.path and len(builds) == 1
+    # a killed build of the same key left its folder: the next build removes it
+    leftover = tmp_path / "gguf" / f".tmp-{entry.manifest['key']}-99999"
+    leftover.mkdir()
+    (leftover / "model.gguf").write_bytes(b"half")
+    with open(entry.path / "model.gguf", "r+b") as f:  # truncated to half, as a full disk would
+        f.truncate(500)
+    assert cache.lookup("gguf", {"k": 1}) is None
+    assert "is damaged (model.gguf has 500 bytes, 1000 were written)" in caplog.text
+    again = cache.entry("gguf", {"k": 1}, build, what="a file")
+    assert not again.hit and len(builds) == 2 and (again.path / "model.gguf").stat().st_size == 1000
+    assert not leftover.exists()
+    # edited in place with the same size: found by its hash once its time changed
+    (again.path / "model.gguf").write_bytes(b"y" * 1000)
+    assert cache.lookup("gguf", {"k": 1}) is None and "was changed after it was written" in caplog.text
+    # an entry made before files were recorded is taken as it is
+    manifest = json.loads((again.path / "qsweep-manifest.json").read_text())
+    del manifest["files"]
+    (again.path / "qsweep-manifest.json").write_text(json.dumps(manifest))
+    assert cache.lookup("gguf", {"k": 1}) is not None

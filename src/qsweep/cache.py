@@ -3,7 +3,10 @@
 An entry's key is the hash of everything its content depends on (model identity, method settings,
 calibration data, tool versions). Entries are built in a temporary folder and renamed into place
 only when complete, under a file lock, so an interrupted build leaves nothing half-written and two
-sweeps sharing the cache build each entry once.
+sweeps sharing the cache build each entry once. The manifest records every file's size, time and
+SHA-256; an entry whose files no longer match (truncated, edited, half-copied) is reported and
+rebuilt, never used. Build folders a killed process left behind are removed by the next build of
+the same entry.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +27,7 @@ from pathlib import Path
 from qsweep.errors import QsweepError
 
 MANIFEST = "qsweep-manifest.json"
+log = logging.getLogger(__name__)
 
 
 def content_key(parts: dict) -> str:
@@ -79,12 +84,25 @@ class ArtifactCache:
         """The entry of content key `key` (`content_key` of its parts) if it is cached."""
         final = self.root / kind / key
         cached = self._read(final)
-        return CacheEntry(final, cached, hit=True) if self._current(cached) else None
+        if not self._current(cached):
+            return None
+        return CacheEntry(final, cached, hit=True) if self._intact(final, cached) else None
 
     def _current(self, manifest: dict | None) -> bool:
         if manifest is None:
             return False
         return self.rebuild_before is None or manifest.get("built_at_epoch", 0.0) >= self.rebuild_before
+
+    def _intact(self, final: Path, manifest: dict | None) -> dict | None:
+        """The manifest if the entry's files are as recorded (entries made before files were
+        recorded are taken as they are), else None, with one line saying what changed."""
+        if manifest is None:
+            return None
+        damage = damaged(final, manifest.get("files"))
+        if damage:
+            log.warning("cache entry %s is damaged (%s): it will be rebuilt, not used", final, damage)
+            return None
+        return manifest
 
     def entry(
         self,
@@ -102,12 +120,16 @@ class ArtifactCache:
         key = content_key(key_parts)
         final = self.root / kind / key
         cached = self._read(final)
-        if self._current(cached) and not replace:
+        if self._current(cached) and not replace and self._intact(final, cached):
             return CacheEntry(final, cached, hit=True)
         with _locked(self.root / kind / f"{key}.lock"):
             cached = self._read(final)  # another process may have built it while we waited
-            if self._current(cached) and not replace:
+            if self._current(cached) and not replace and self._intact(final, cached):
                 return CacheEntry(final, cached, hit=True)
+            # Whoever built this key holds this lock: folders of earlier builds are a killed
+            # process's leftovers (a half-written file among them).
+            for stale in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".old-{key}-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = self.root / kind / f".tmp-{key}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -122,6 +144,7 @@ class ArtifactCache:
                     "built_at_epoch": time.time(),
                     "build_s": round(time.monotonic() - started, 2),
                     **extra,
+                    "files": record_files(tmp),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 # An old entry, or a folder without a manifest left by a crash, makes way.
@@ -143,7 +166,35 @@ class ArtifactCache:
 
     @staticmethod
     def _read(final: Path) -> dict | None:
+        """The manifest, or None where there is none (or it is unreadable: the entry is rebuilt)."""
         try:
             return json.loads((final / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
+
+
+def record_files(folder: Path) -> dict[str, dict]:
+    """Size, modification time and SHA-256 of every file under `folder`, by relative path."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        stat = path.stat()
+        files[str(path.relative_to(folder))] = {
+            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path),
+        }  # fmt: skip
+    return files
+
+
+def damaged(folder: Path, files: dict[str, dict] | None) -> str | None:
+    """What differs from the recorded files (missing, another size, other content), or None.
+    A file with its recorded size and time is taken as unchanged; another time means hashing it."""
+    for name, recorded in (files or {}).items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != recorded["size"]:
+            return f"{name} has {stat.st_size} bytes, {recorded['size']} were written"
+        if stat.st_mtime_ns != recorded["mtime_ns"] and file_sha256(path) != recorded["sha256"]:
+            return f"{name} was changed after it was written"
+    return None
