@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +15,7 @@ from qsweep import procs
 from qsweep.benchmarks.base import Benchmark
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.engines.base import Engine
-from qsweep.engines.served import ChatEndpoint
+from qsweep.engines.served import ChatEndpoint, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +77,50 @@ def serve_and_measure(
             up.reply, up.latency_s = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
             log.info("  serving: %r -> %r", engine_cfg.smoke_prompt, up.reply.strip()[:80])
         on_served(up)
-        for name, (benchmark, bench_cfg) in benchmarks.items():
-            with clock.stage(f"benchmark_{name}"):
-                result = benchmark.run(bench_cfg, served, ctx)
-            log.info("  %s: %s", name, headline(result.metrics))
-            on_result(name, result)
-            results[name] = result
+        with procs.watching(ServerWatch(served, engine_cfg.request_timeout_s)):
+            for name, (benchmark, bench_cfg) in benchmarks.items():
+                with clock.stage(f"benchmark_{name}"):
+                    result = benchmark.run(bench_cfg, served, ctx)
+                log.info("  %s: %s", name, headline(result.metrics))
+                on_result(name, result)
+                results[name] = result
         if served.pid is not None:
             on_memory(server_memory(served.pid))
     return results
+
+
+class ServerWatch:
+    """Whether the server still runs and answers, asked by every tool's wait loop during the
+    benchmarks: a server that exited, or that has not answered /health for the engine's
+    `request_timeout_s` (stopped, hung), ends the benchmark at once with that reason, rather than
+    after the tool's own timeout (evalscope retries a dead server for as long as it is allowed)."""
+
+    def __init__(self, served: ServedModel, timeout_s: float, every_s: float = 5.0):
+        self.served, self.timeout_s, self.every_s = served, timeout_s, every_s
+        self.last_answer = self.last_probe = time.monotonic()
+
+    def __call__(self) -> str | None:
+        process = self.served.process
+        if process is not None and process.poll() is not None:
+            return (
+                f"the server exited (code {process.returncode}) during the benchmarks: "
+                f"{procs.tail(self.served.log, 2)} (log: {self.served.log})"
+            )
+        now = time.monotonic()
+        if now - self.last_probe < self.every_s:
+            return None
+        self.last_probe = now
+        try:
+            with urllib.request.urlopen(f"{self.served.url}/health", timeout=min(5.0, self.timeout_s)):
+                self.last_answer = time.monotonic()
+        except (OSError, urllib.error.URLError):
+            silent = time.monotonic() - self.last_answer
+            if silent >= self.timeout_s:
+                return (
+                    f"the server stopped answering (no /health reply for {silent:.0f} s, engine "
+                    f"request_timeout_s={self.timeout_s}): stopped or hung; log: {self.served.log}"
+                )
+        return None
 
 
 def server_memory(pid: int) -> dict[str, float]:

@@ -82,10 +82,32 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 
 def check_stop() -> None:
-    """Raise KeyboardInterrupt if the current job was asked to stop."""
+    """Raise KeyboardInterrupt if the current job was asked to stop; raise QsweepError if something
+    the job depends on failed (`watching`)."""
     request = _current_stop.get()
     if request is not None and request.requested:
         raise KeyboardInterrupt("stop requested")
+    for watch in _watches.get():
+        problem = watch()
+        if problem:
+            raise QsweepError(problem)
+
+
+# Checks every polling loop of the job runs (`check_stop`): each returns why the job cannot go on.
+_watches: contextvars.ContextVar[tuple[Callable[[], str | None], ...]] = contextvars.ContextVar(
+    "qsweep_watches", default=()
+)
+
+
+@contextlib.contextmanager
+def watching(check: Callable[[], str | None]) -> Iterator[None]:
+    """While in the block, every tool qsweep waits on is stopped as soon as `check` returns a reason
+    (a server that died or stopped answering), and the reason is the error."""
+    token = _watches.set((*_watches.get(), check))
+    try:
+        yield
+    finally:
+        _watches.reset(token)
 
 
 def _die_with_parent() -> None:

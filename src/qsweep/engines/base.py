@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from qsweep.context import Artifact, JobContext
+from qsweep.engines import http
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.errors import QsweepError
@@ -42,26 +43,13 @@ def check_common(cfg: EngineConfig) -> None:
     timeouts and counts. Every int field named like a count or a size must be at least 1."""
     if not 0 <= cfg.port <= 65535:
         raise QsweepError(f"engine.port={cfg.port} is not a port: use 1-65535, or 0 for a free one")
-    if cfg.port and port_taken(cfg.host, cfg.port):
-        raise QsweepError(
-            f"engine.port={cfg.port} on {cfg.host} is in use by another process: free it, pick another, "
-            "or use engine.port=0 for a free one"
-        )
+    if cfg.port:
+        http.server_port(cfg.host, cfg.port)  # refused at once if another process listens there
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         positive = f.name.endswith(("_s", "_tokens", "_size", "_len", "_seqs", "_gb", "parallel", "threads"))
         if positive and isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise QsweepError(f"engine.{f.name}={value} must be at least 1")
-
-
-def port_taken(host: str, port: int) -> bool:
-    """Whether something already listens on host:port (a server started there would not bind, and
-    whatever answers would be measured instead)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        return probe.connect_ex((host, port)) == 0
 
 
 class Engine(ABC):

@@ -21,6 +21,26 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex((host, port)) == 0
+
+
+def server_port(host: str, port: int) -> int:
+    """The port to start a server on: `port`, refused if another process listens there (the new
+    server would not bind, and whatever answers there would be measured instead), or a free one."""
+    if not port:
+        return free_port(host)
+    if port_taken(host, port):
+        raise QsweepError(
+            f"engine.port={port} on {host} is in use by another process: free it, pick another, "
+            "or use engine.port=0 for a free one"
+        )
+    return port
+
+
 def post_json(url: str, body: dict, timeout_s: float) -> dict:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
@@ -44,7 +64,8 @@ def _json_reply(request: urllib.request.Request, url: str, timeout_s: float) -> 
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, what: str) -> None:
-    """Poll `url` until it answers 200; fail fast if the server exits, or after `timeout_s`."""
+    """Poll `url` until it answers 200 while `proc` runs; fail fast if the server exits, or after
+    `timeout_s`. An answer while `proc` is gone is another process's: never taken."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         check_stop()
@@ -54,7 +75,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, 
             )
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
+                if response.status == 200 and proc.poll() is None:
                     return
         except (urllib.error.URLError, TimeoutError, ConnectionError):
             pass  # not listening yet, or 503 while the model loads

@@ -121,7 +121,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
     if artifact.format not in LlamaCppEngine.formats:
         raise QsweepError(f"llama.cpp serves GGUF files, not {artifact.format}")
     env = ctx.stage_env(envs.LLAMACPP)
-    port = cfg.port or http.free_port(cfg.host)
+    port = http.server_port(cfg.host, cfg.port)
     url = f"http://{cfg.host}:{port}"
     server_log = ctx.log("server.log")
     cmd = [
@@ -147,4 +147,4 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         http.wait_healthy(
             f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="llama-server"
         )
-        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx, pid=proc.pid)
+        yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx, process=proc)

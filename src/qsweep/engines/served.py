@@ -8,6 +8,7 @@ below, which its served-model class implements: a benchmark declares the capabil
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -113,7 +114,11 @@ class ServedModel:
     log: Path
     ctx: JobContext
     model_name: str | None = None  # the "model" field of requests, where the server wants one
-    pid: int | None = None  # the server's process (its group leader): its memory is measured
+    process: subprocess.Popen | None = None  # the server (its group leader): watched, its memory measured
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
     def api_base(self) -> str:
         return f"{self.url}/v1"

@@ -144,7 +144,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         raise QsweepError(f"vLLM here serves transformers checkpoints, not {artifact.format}")
     env = ctx.stage_env(envs.VLLM)
     env.require()
-    port = cfg.port or http.free_port(cfg.host)
+    port = http.server_port(cfg.host, cfg.port)
     url = f"http://{cfg.host}:{port}"
     server_log = ctx.log("server.log")
     cmd = [
@@ -196,5 +196,5 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
             server_log,
             ctx,
             model_name=str(artifact.path),
-            pid=proc.pid,
+            process=proc,
         )

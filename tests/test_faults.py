@@ -1,0 +1,216 @@
+"""Faults injected with real processes (llama-server, evalscope, llama-quantize, a second SQLite
+writer) on the default model with the smallest budgets. Each ends with the right status and a
+one-line reason, the sweep goes on, nothing wrong is reported as a result, and no process is left
+behind (counted after each). The suite prints what it injected at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+from fakeplugins import write_fake_checkpoint
+from test_e2e import _children_running, runs
+
+pytestmark = pytest.mark.slow
+
+INJECTED: list[str] = []  # "fault: outcome", one per fault this module injected
+SHORT_PERF = ["benchmark=[perf]", "benchmark.perf.concurrency=[1]", "benchmark.perf.output_tokens=32",
+              "benchmark.perf.input_tokens=32", "benchmark.perf.warmup_requests=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def count_faults(request):
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"fault suite: {len(INJECTED)} faults injected, each ended clean with 0 orphan processes"
+    if reporter:
+        reporter.write_line(line + "".join(f"\n  - {entry}" for entry in INJECTED))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One artifact cache for the module: the f16 GGUF is converted once."""
+    return tmp_path_factory.mktemp("fault-cache")
+
+
+def start(tmp: Path, cache: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qsweep", *args, f"paths.mlruns={tmp / 'mlruns'}",
+           f"paths.artifact_cache={cache}", f"paths.outputs={tmp / 'outputs'}"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def read_until(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"never saw {text!r}:\n" + "".join(seen[-30:])
+    raise AssertionError(f"the sweep ended before {text!r}:\n" + "".join(seen[-30:]))
+
+
+def pids_of(name: str, marker: str) -> list[int]:
+    """Live processes named `name` whose command line mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if name in cmdline.split(" ", 1)[0] and marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def finish(proc: subprocess.Popen, seen: list[str], timeout_s: float = 600) -> str:
+    try:
+        rest, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        proc.kill()
+    return "".join(seen) + rest
+
+
+def no_orphans(marker: str) -> None:
+    time.sleep(1)
+    left = _children_running(marker)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+def test_a_server_that_dies_or_stops_answering_mid_load_test_fails_the_job_and_the_sweep_goes_on(
+    fault, tmp_path, cache, llamacpp_env
+):
+    """The first job's llama-server is SIGKILLed (or SIGSTOPped) during its load test; the job fails
+    with that reason within the engine's request timeout (10 s here), not evalscope's hour; the
+    second job runs."""
+    proc = start(tmp_path, cache, "-m", *SHORT_PERF, "benchmark.perf.requests_per_level=60,1",
+                 "engine.request_timeout_s=10")  # fmt: skip
+    seen: list[str] = []
+    read_until(proc, "stage benchmark_perf ...", seen)
+    time.sleep(3)  # evalscope is sending requests
+    servers = pids_of("llama-server", str(cache))
+    assert len(servers) == 1, servers
+    os.kill(servers[0], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    out = finish(proc, seen)
+    assert proc.returncode == 1, out[-3000:]
+    _, every = runs(tmp_path)
+    jobs = [r for r in every if r.data.tags.get("qsweep.kind") == "job"]
+    assert [r.info.status for r in jobs] == ["FAILED", "FINISHED"]
+    error = jobs[0].data.tags["qsweep.error"]
+    expected = "the server exited (code -9)" if fault == "killed" else "the server stopped answering"
+    assert error.startswith(expected) and "\n" not in error, error
+    assert "perf_output_tok_s_c1" not in jobs[0].data.metrics  # nothing measured is reported
+    assert jobs[1].data.metrics["perf_success_rate_min"] == 1
+    no_orphans(str(tmp_path))
+    no_orphans(str(cache))
+    INJECTED.append(f"llama-server {'SIGKILL' if fault == 'killed' else 'SIGSTOP'} mid load test: FAILED, "
+                    f"'{error[:60]}...', next job FINISHED")  # fmt: skip
+
+
+def test_a_server_that_will_not_start_fails_fast_with_its_own_error(tmp_path, cache, llamacpp_env):
+    done = run_cli("-m", *SHORT_PERF, "engine.extra_args=[--no-such-flag]", tmp=tmp_path, timeout_s=600)
+    assert done.returncode == 1, done.stdout[-3000:]
+    _, every = runs(tmp_path)
+    job = next(r for r in every if r.data.tags.get("qsweep.kind") == "job")
+    error = job.data.tags["qsweep.error"]
+    assert job.info.status == "FAILED" and "llama-server exited with code" in error
+    assert "no-such-flag" in error  # the server's own line
+    assert "time_serve_s" in job.data.metrics and job.data.metrics["time_serve_s"] < 120  # not a timeout
+    no_orphans(str(tmp_path))
+    INJECTED.append("llama-server with a bad flag: FAILED in seconds with the server's own line")
+
+
+def test_a_port_in_use_is_refused_before_anything_runs(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(f"engine.port={port}", tmp=tmp_path, timeout_s=120)
+    assert done.returncode == 2 and f"engine.port={port} on 127.0.0.1 is in use" in done.stderr
+    assert not (tmp_path / "mlruns").exists()
+    INJECTED.append("engine.port taken by another process: refused at pre-flight, exit 2, no run")
+
+
+def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, cache, llamacpp_env):
+    ppl = ["benchmark=[ppl]", "benchmark.ppl.max_tokens=1024"]
+    first = run_cli(*ppl, tmp=tmp_path, timeout_s=900)
+    assert first.returncode == 0, first.stdout[-3000:]
+    gguf = next(cache.glob("gguf-base/*/model-f16.gguf"))
+    size = gguf.stat().st_size
+    with open(gguf, "r+b") as f:
+        f.truncate(size // 2)  # as an interrupted copy or a full disk would leave it
+    again = run_cli(*ppl, tmp=tmp_path, timeout_s=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "is damaged (model-f16.gguf has" in again.stdout and "it will be rebuilt, not used" in again.stdout
+    assert gguf.stat().st_size == size
+    _, every = runs(tmp_path)
+    measured = [r.data.metrics["ppl"] for r in every if r.data.tags.get("qsweep.kind") == "job"]
+    assert len(measured) == 2 and measured[0] == pytest.approx(measured[1], rel=1e-9)
+    INJECTED.append("cached GGUF truncated to half: reported in one line, rebuilt, same perplexity")
+
+
+def test_the_quantizer_killed_fails_the_job_and_leaves_no_half_written_entry(tmp_path, cache, llamacpp_env):
+    proc = start(tmp_path, cache, "method=gguf-iq4_xs", "benchmark=[ppl]", "benchmark.ppl.max_tokens=1024")
+    seen: list[str] = []
+    deadline = time.monotonic() + 600
+    while not (quantizers := pids_of("llama-imatrix", str(cache)) + pids_of("llama-quantize", str(cache))):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen[-30:])
+        time.sleep(0.2)
+    os.kill(quantizers[0], signal.SIGKILL)
+    out = finish(proc, seen)
+    assert proc.returncode == 1, out[-3000:]
+    _, every = runs(tmp_path)
+    job = next(r for r in every if r.data.tags.get("qsweep.kind") == "job")
+    assert job.info.status == "FAILED" and "failed (exit -9)" in job.data.tags["qsweep.error"]
+    assert not list(cache.glob("*/.tmp-*")), "a killed build leaves no build folder behind"
+    entries = [p for p in cache.glob("*/*") if p.is_dir()]
+    assert all((p / "qsweep-manifest.json").exists() for p in entries), "every entry is whole"
+    no_orphans(str(cache))
+    INJECTED.append("quantizer SIGKILLed: FAILED with its exit code, no half-written cache entry")
+
+
+def test_a_store_locked_by_another_writer_is_waited_out_and_nothing_is_lost(tmp_path):
+    """Another process holds the SQLite store's write lock for 30 s while a (fake) sweep records its
+    jobs: the calls wait, every job is recorded FINISHED with its results."""
+    model = write_fake_checkpoint(tmp_path / "fake-model")
+    args = ["-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]", "model=local",
+            f"model.path={model}"]  # fmt: skip
+    first = run_cli(*args, tmp=tmp_path, timeout_s=300, fakes=True)  # makes the store
+    assert first.returncode == 0, first.stdout[-2000:]
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db", timeout=60)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(30)
+        db.rollback()
+        db.close()
+
+    holder = threading.Thread(target=hold_lock, daemon=True)
+    holder.start()
+    assert locked.wait(30)
+    try:
+        again = run_cli(*args, "rerun=[all]", tmp=tmp_path, timeout_s=600, fakes=True)
+    finally:
+        release.set()
+        holder.join()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "the MLflow store is locked by another writer" in again.stdout
+    _, every = runs(tmp_path)
+    second = [r for r in every if r.data.tags.get("qsweep.kind") == "job"][2:]
+    assert [r.info.status for r in second] == ["FINISHED", "FINISHED"]
+    assert all("fake_score" in r.data.metrics for r in second)
+    INJECTED.append("MLflow store locked by another writer for 30 s: waited out, every job FINISHED")
