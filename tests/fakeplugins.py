@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import threading
 import time
 import zlib
@@ -131,12 +132,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def _http_server(cfg: FakeServeConfig, ctx: JobContext) -> Iterator[str]:
+    # As careless a tool as there is: it prints its arguments and a token from its environment.
+    ctx.log("server.log").write_text(
+        f"fake-server {' '.join(cfg.extra_args)} HF_TOKEN={os.environ.get('HF_TOKEN')}\n"
+    )
     if cfg.crash_on_start:
         raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
     server = ThreadingHTTPServer((cfg.host, cfg.port), _Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    ctx.log("server.log").write_text(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
+    with open(ctx.log("server.log"), "a") as log:
+        log.write(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
     try:
         yield f"http://{cfg.host}:{server.server_port}"
     finally:

@@ -24,8 +24,9 @@ from test_e2e import _children_running, runs
 pytestmark = pytest.mark.slow
 
 INJECTED: list[str] = []  # "fault: outcome", one per fault this module injected
-SHORT_PERF = ["benchmark=[perf]", "benchmark.perf.concurrency=[1]", "benchmark.perf.output_tokens=32",
-              "benchmark.perf.input_tokens=32", "benchmark.perf.warmup_requests=0"]  # fmt: skip
+SHORT_PERF = ["method=none", "benchmark=[perf]", "benchmark.perf.concurrency=[1]",
+              "benchmark.perf.output_tokens=32", "benchmark.perf.input_tokens=32",
+              "benchmark.perf.warmup_requests=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -264,6 +264,38 @@ def test_dry_runs_say_what_would_be_built_reused_or_measured_and_record_nothing(
     assert runs_after == 1 + 6  # the sweep's parent and jobs: the dry runs made no run
 
 
+# --- secrets ----------------------------------------------------------------------------------
+
+SECRETS = {"HF_TOKEN": "hf_qsweepTestSecret0123", "OPENAI_API_KEY": "sk-qsweepTestSecret4567"}
+ARG_SECRET = "sk-qsweepArgSecret8910"
+
+
+@scenario
+def secrets(case: Case):
+    args = case.args("-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
+                     f"engine.extra_args=[--api-key,{ARG_SECRET}]")  # fmt: skip
+    cmd = [sys.executable, "-m", "qsweep", *args, f"paths.mlruns={case.store}",
+           f"paths.artifact_cache={case.tmp / 'cache'}", f"paths.outputs={case.tmp / 'outputs'}"]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env={**cli_env(fakes=True), **SECRETS}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_no_secret_reaches_the_store(outcomes):
+    """Tokens from the environment and a key given on the command line appear nowhere in the MLflow
+    store (database, params, tags, artifacts, kept logs), although the fake server printed them."""
+    case, done = outcome(outcomes, "secrets")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _, _, jobs = case.runs()
+    server_log = next((case.tmp / "outputs").rglob("server.log")).read_text()
+    assert "fake-server --api-key ***" in server_log and "HF_TOKEN=***" in server_log  # kept, masked
+    assert jobs["fake-model/fake-q4/fake"].data.params["engine.extra_args"] == "['--api-key', '***']"
+    every = [*SECRETS.values(), ARG_SECRET]
+    files = [path for path in case.store.rglob("*") if path.is_file()]
+    leaked = [(path, s) for path in files for s in every if s.encode() in path.read_bytes()]
+    assert not leaked, leaked
+    assert len(files) > 10  # the database and the runs' artifacts were searched
+
+
 # --- failures ---------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from qsweep import redact
 from qsweep.errors import QsweepError
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def background(
     `grace_s` between SIGTERM and SIGKILL."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
+        log.write(f"$ {' '.join(redact.argv(list(cmd)))}\n".encode())
         log.flush()
         try:
             proc = subprocess.Popen(

@@ -20,7 +20,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from qsweep import tracking
+from qsweep import redact, tracking
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class SweepCallback(Callback):
                 **tracking.owner_tags(),
                 "qsweep.kind": "sweep",
                 "qsweep.sweep_dir": str(sweep_dir),
-                "qsweep.command": " ".join(config.hydra.overrides.task),
+                "qsweep.command": redact.text(" ".join(config.hydra.overrides.task), also=secrets_of(config)),
             },
         )
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
@@ -140,6 +140,15 @@ def write_report(client, parent_id: str, config: DictConfig) -> None:
     except Exception as err:  # noqa: BLE001 - see the docstring
         log.error("could not write the sweep's report: %s: %s", type(err).__name__, err)
         log.debug("report failure", exc_info=True)
+
+
+def secrets_of(config: DictConfig) -> list[str]:
+    """The secret values in a sweep's config (`redact`), to keep them out of its command tag."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
+    settings.pop("hydra", None)
+    return redact.secret_values(settings)
 
 
 def close_abandoned(client, experiment_id: str) -> None:

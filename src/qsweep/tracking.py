@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import re
 import socket
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import qsweep
-from qsweep import envs
+from qsweep import envs, redact
 from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
 from qsweep.measure import Served
@@ -30,8 +29,6 @@ from qsweep.plan import JobPlan
 from qsweep.results import StoredResult
 
 log = logging.getLogger(__name__)
-# The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 # The MLflow UI opens an experiment by its kind: a model-training experiment shows the runs table
 # with metric columns and charts; without the tag MLflow 3 lands on a GenAI traces overview.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -156,15 +153,15 @@ def client_for(cfg: DictConfig):
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    """Leaf values as 'a.b.c' -> str, with secret-looking keys masked."""
+    """Leaf values as 'a.b.c' -> str, with secrets masked (`redact`)."""
     out: dict[str, str] = {}
     if isinstance(node, dict):
         for key, value in node.items():
             out.update(flatten(value, f"{prefix}{key}."))
     else:
         key = prefix.rstrip(".")
-        text = "" if node is None else str(node)
-        out[key] = "***" if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text else text[:6000]
+        masked = redact.tree({key: node})[key]
+        out[key] = redact.text("" if masked is None else str(masked))[:6000]
     return out
 
 
@@ -324,8 +321,9 @@ class JobRecorder:
     """Every MLflow call of one job: the job says what happened (a stage's outcome, a metric, a
     file) and this turns it into params, metrics, tags and artifacts on the job's run."""
 
-    def __init__(self, client, run_id: str, parent_id: str | None):
+    def __init__(self, client, run_id: str, parent_id: str | None, secrets: list[str] = ()):
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
+        self.secrets = list(secrets)  # the config's secret values, masked in the logs it keeps
         self.heartbeat = Heartbeat(client, run_id)
 
     @classmethod
@@ -346,7 +344,9 @@ class JobRecorder:
         recorder = cls(client, run_id, parent_id)
         names = {"model": plan.model_name, "method": plan.method_option, "engine": plan.engine_option}
         log_params(client, run_id, run_params(cfg, plan.choices, names))
-        client.log_dict(run_id, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        recorder.secrets = redact.secret_values(config)
+        client.log_dict(run_id, redact.tree(config), "config.yaml")
         if plan.skipped_benchmarks and not plan.skip_reason:
             client.set_tag(run_id, "qsweep.skipped_benchmarks", "; ".join(
                 f"{name}: {why}" for name, why in plan.skipped_benchmarks.items()))  # fmt: skip
@@ -378,6 +378,7 @@ class JobRecorder:
         self.client.set_tag(self.run_id, "artifact.cache_hit", str(artifact.cache_hit).lower())
         self.client.log_dict(self.run_id, artifact.info, "artifact_info.json")
         for name, path in artifact.logs.items():
+            redact.file(Path(path), self.secrets)
             self.client.log_artifact(self.run_id, str(path), f"quantize_logs/{Path(name).stem}")
 
     def stage_envs(self, used: list[tuple[envs.StageEnvSpec, envs.StageEnv]]) -> None:
@@ -446,6 +447,7 @@ class JobRecorder:
                 self.client.set_tag(self.run_id, "qsweep.notes", "\n".join(notes)[:5000])
             for path in files:
                 if path.is_file():
+                    redact.file(path, self.secrets)  # a tool may have printed a secret it was given
                     self.client.log_artifact(self.run_id, str(path), "logs")
             self.client.set_terminated(self.run_id, status)
             if status == "KILLED" and self.parent_id:
