@@ -145,11 +145,11 @@ def test_a_port_in_use_is_refused_before_anything_runs(tmp_path):
     INJECTED.append("engine.port taken by another process: refused at pre-flight, exit 2, no run")
 
 
-def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, cache, llamacpp_env):
+def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, llamacpp_env):
     ppl = ["benchmark=[ppl]", "benchmark.ppl.max_tokens=1024"]
     first = run_cli(*ppl, tmp=tmp_path, timeout_s=900)
     assert first.returncode == 0, first.stdout[-3000:]
-    gguf = next(cache.glob("gguf-base/*/model-f16.gguf"))
+    gguf = next((tmp_path / "cache").glob("gguf-base/*/model-f16.gguf"))  # run_cli's cache
     size = gguf.stat().st_size
     with open(gguf, "r+b") as f:
         f.truncate(size // 2)  # as an interrupted copy or a full disk would leave it

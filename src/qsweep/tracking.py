@@ -88,34 +88,33 @@ def check_store(cfg) -> None:
     client_for(cfg)
 
 
-class PatientClient:
-    """An MlflowClient whose calls wait out a store that another writer holds locked (SQLite takes
-    one writer at a time; a sweep beside another, or `mlflow ui` migrating it): each call is
-    retried for up to `patience_s`, so a measurement is recorded late rather than lost."""
+def patiently(call, what: str, patience_s: float = 600.0):
+    """`call()`, retried while the MLflow store is locked by another writer (SQLite takes one
+    writer at a time: a sweep beside another, `mlflow ui` migrating it), for up to `patience_s`."""
+    deadline, delay = time.monotonic() + patience_s, 1.0
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if "locked" not in str(err).lower() or time.monotonic() + delay > deadline:
+                raise
+            log.warning("  the MLflow store is locked by another writer: %s again in %.0f s", what, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
-    def __init__(self, client, patience_s: float = 600.0):
-        self._client, self._patience_s = client, patience_s
+
+class PatientClient:
+    """An MlflowClient whose every call waits out a locked store (`patiently`), so a measurement is
+    recorded late rather than lost."""
+
+    def __init__(self, client):
+        self._client = client
 
     def __getattr__(self, name: str):
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
-
-        def call(*args, **kwargs):
-            deadline, delay = time.monotonic() + self._patience_s, 1.0
-            while True:
-                try:
-                    return attr(*args, **kwargs)
-                except Exception as err:
-                    if "locked" not in str(err).lower() or time.monotonic() + delay > deadline:
-                        raise
-                    log.warning(
-                        "  the MLflow store is locked by another writer: %s again in %.0f s", name, delay
-                    )
-                    time.sleep(delay)
-                    delay = min(2 * delay, 30.0)
-
-        return call
+        return lambda *args, **kwargs: patiently(lambda: attr(*args, **kwargs), name)
 
 
 def client_for(cfg: DictConfig):
@@ -132,7 +131,7 @@ def client_for(cfg: DictConfig):
     with open(lock_dir / ".qsweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            client = PatientClient(MlflowClient(tracking_uri=uri))
+            client = PatientClient(patiently(lambda: MlflowClient(tracking_uri=uri), "open"))
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             if experiment is None:
                 artifacts = None if cfg.tracking.uri else (lock_dir / "artifacts").as_uri()
