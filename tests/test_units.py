@@ -604,3 +604,44 @@ def test_a_damaged_cache_entry_is_reported_and_rebuilt_never_used(tmp_path, capl
     del manifest["files"]
     (again.path / "qsweep-manifest.json").write_text(json.dumps(manifest))
     assert cache.lookup("gguf", {"k": 1}) is not None
+
+
+def test_sanity_checks_flag_what_cannot_be_right():
+    from qsweep import sanity
+
+    assert sanity.degenerate("1 1 1 1 1 1 1 1") and sanity.degenerate("   ")
+    assert not sanity.degenerate(" Paris, the city of light.") and not sanity.degenerate("Paris Paris")
+    assert not sanity.degenerate(None)  # no chat endpoint: nothing to judge
+    reasons = sanity.job_reasons({"ppl": 7443.0, "perf_success_rate_min": 0.5, "perf_cpu_busy_during": 0.6},
+                                 "1 1 1 1 1 1 1 1", is_baseline=True)  # fmt: skip
+    assert [r.split(" ")[0] for r in reasons] == ["the", "baseline", "50%", "60%"], reasons
+    assert sanity.job_reasons({"ppl": 13.05, "perf_success_rate_min": 1.0}, " Paris.", False) == []
+    # the seed's SmolLM2 baselines agree within 0.4% across engines; a broken conversion does not
+    assert sanity.baselines_disagree({"llamacpp": 12.93, "vllm": 12.885}) is None
+    assert "differs by over 1%" in sanity.baselines_disagree({"llamacpp": 11.74, "vllm": 7443.0})
+
+
+def test_baselines_that_disagree_across_engines_are_both_flagged():
+    from types import SimpleNamespace
+
+    from qsweep.sweep import flag_disagreeing_baselines
+
+    def run(engine, ppl, baseline="true"):
+        tags = {"qsweep.baseline": baseline, "choice.engine": engine}
+        params = {"benchmark.ppl.n_ctx": "512", "model.path": "None"}
+        info = SimpleNamespace(status="FINISHED", run_id=engine + baseline)
+        data = SimpleNamespace(tags=tags, params=params, metrics={"ppl": ppl})
+        return SimpleNamespace(info=info, data=data)
+
+    tagged = {}
+    client = SimpleNamespace(set_tag=lambda run_id, key, value: tagged.update({run_id: value}))
+    flag_disagreeing_baselines(
+        client, [run("llamacpp", 11.74), run("vllm", 7443.0), run("vllm", 9.0, "false")]
+    )
+    assert (
+        set(tagged) == {"llamacpptrue", "vllmtrue"}
+        and "llamacpp 11.7400, vllm 7443.0000" in tagged["vllmtrue"]
+    )
+    tagged.clear()
+    flag_disagreeing_baselines(client, [run("llamacpp", 12.93), run("vllm", 12.885)])
+    assert tagged == {}

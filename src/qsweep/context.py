@@ -22,6 +22,7 @@ class JobContext:
     # Metrics measured or reused so far in this job, for a benchmark that reads an earlier one's
     # (`Benchmark.after`), e.g. accuracy at the load test's capacity.
     results: dict[str, float] = field(default_factory=dict)
+    smoke_reply: str | None = None  # the server's answer to the smoke prompt, for the sanity checks
 
     def log(self, name: str) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qsweep import gates, models, procs, reference, results
+from qsweep import gates, models, procs, reference, results, sanity
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
-from qsweep.measure import StageClock, serve_and_measure
+from qsweep.measure import Served, StageClock, serve_and_measure
 from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan, benchmark_order, plan_job
 from qsweep.sweep import JobOutcome, parent_run_id, sweep_began
@@ -73,6 +73,11 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         record.stage_envs([(spec, ctx.stage_env(spec)) for spec in plan.stage_envs()])
 
         measured = artifact.metrics | measure(plan, model, artifact, ctx, record, clock)
+        suspect = sanity.job_reasons(measured, ctx.smoke_reply, plan.method.is_baseline)
+        if suspect:
+            record.suspect(suspect)
+            for reason in suspect:
+                ctx.note(f"suspect result: {reason}")
         missed = gates.evaluate(plan.gates, measured)
         if missed:
             record.gates_missed(missed)
@@ -150,6 +155,10 @@ def measure(
         record.metrics(metrics)
         measured.update(metrics)
 
+    def served(up: Served) -> None:
+        record.served(up)
+        ctx.smoke_reply = up.reply
+
     serve_and_measure(
         plan.engine,
         plan.engine_cfg,
@@ -157,7 +166,7 @@ def measure(
         to_run,
         ctx,
         clock,
-        on_served=record.served,
+        on_served=served,
         on_result=keep,
         on_memory=memory,
     )

@@ -20,7 +20,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from qsweep import redact, tracking
+from qsweep import redact, sanity, tracking
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class SweepCallback(Callback):
             filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
             order_by=["attributes.start_time ASC"],
         )
+        flag_disagreeing_baselines(client, children)
         log.info("sweep summary:\n%s", summary_table(children))
         write_report(client, run_id, config)
         if client.get_run(run_id).info.status == "RUNNING":
@@ -123,6 +124,31 @@ class SweepCallback(Callback):
         outcome = job_return.return_value
         if isinstance(outcome, JobOutcome) and outcome.status == "FAILED":
             raise SweepFailed([outcome.name])
+
+
+def flag_disagreeing_baselines(client, runs: list) -> None:
+    """The same unquantized model scored on the same text by two engines must agree (`sanity`);
+    when it does not, both runs are flagged suspect (a tokenizer or conversion problem)."""
+    groups: dict[tuple, dict[str, object]] = {}
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if (
+            run.info.status == "FINISHED"
+            and tags.get("qsweep.baseline") == "true"
+            and "ppl" in run.data.metrics
+        ):
+            text = tuple(
+                sorted((k, v) for k, v in params.items() if k.startswith(("benchmark.ppl.", "model.")))
+            )
+            groups.setdefault(text, {})[tags.get("choice.engine", "?")] = run
+    for by_engine in groups.values():
+        why = sanity.baselines_disagree({e: r.data.metrics["ppl"] for e, r in by_engine.items()})
+        if why:
+            log.warning("  suspect: %s", why)
+            for run in by_engine.values():
+                earlier = run.data.tags.get("qsweep.suspect")
+                client.set_tag(run.info.run_id, "qsweep.suspect", f"{earlier}; {why}" if earlier else why)
+                run.data.tags["qsweep.suspect"] = why
 
 
 def write_report(client, parent_id: str, config: DictConfig) -> None:
@@ -194,5 +220,7 @@ def summary_table(runs: list) -> str:
         note = f"  ({shorten(tags['qsweep.skipped'], 70)})" if status == "SKIPPED" else ""
         if "qsweep.gates_missed" in tags:
             note += f"  MISSED GATES: {tags['qsweep.gates_missed']}"
+        if "qsweep.suspect" in tags:
+            note += f"  SUSPECT: {shorten(tags['qsweep.suspect'], 70)}"
         lines.append(row.format(run.info.run_name, status, reused, ppl, ratio, size, bpw, speed + note))
     return "\n".join(lines)

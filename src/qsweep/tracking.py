@@ -421,6 +421,10 @@ class JobRecorder:
     def metrics(self, metrics: dict[str, float]) -> None:
         log_metrics(self.client, self.run_id, metrics)
 
+    def suspect(self, reasons: list[str]) -> None:
+        """Figures that cannot be right (`sanity`): tag `qsweep.suspect`, kept out of recommendations."""
+        self.client.set_tag(self.run_id, "qsweep.suspect", "; ".join(reasons)[:5000])
+
     def gates_missed(self, missed: list[str]) -> None:
         self.client.set_tag(self.run_id, "qsweep.gates_missed", "; ".join(missed))
 

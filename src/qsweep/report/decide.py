@@ -86,6 +86,8 @@ def excluded(row: JobRow, cfg: ReportConfig) -> str | None:
     """Why a job cannot be recommended under the constraints, or None."""
     if row.status != "FINISHED":
         return row.status.lower()
+    if row.suspect:
+        return f"suspect: {row.suspect}"
     quality = row.quality()
     recovery = quality is not None and quality[0] == "recovery"
     if recovery and cfg.min_recovery is not None and quality[1].mean < cfg.min_recovery:

@@ -85,6 +85,7 @@ class JobRow:
     capacity_tok_s: float = math.nan
     objective: str = ""
     busy: bool = False  # a load test measured while other work kept the CPUs busy
+    suspect: str = ""  # why its figures cannot be right (`sanity`), if they cannot
 
     def speed(self, concurrency: int | None = None) -> Value | None:
         """Output tok/s at a concurrency (default: the highest measured), with the standard error
@@ -203,7 +204,8 @@ def row_from_run(run, curves: dict[str, dict[int, float]], fallback: dict[str, f
         capacity=_float(m, "perf_capacity"),
         capacity_tok_s=_float(m, "perf_capacity_output_tok_s"),
         objective=objective_of(params),
-        busy=_float(m, "perf_cpu_busy_before") > 0.25,
+        busy=max(m.get("perf_cpu_busy_before", 0.0), m.get("perf_cpu_busy_during", 0.0)) > 0.25,
+        suspect=tags.get("qsweep.suspect", ""),
     )
     for key in MEMORY:
         value = m.get(key, fallback.get(key))
