@@ -152,13 +152,6 @@ def main() -> None:
         except QsweepError as err:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
-        if plans and not plans[0].dry_run:
-            try:
-                for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():
-                    tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
-            except QsweepError as err:
-                print(f"qsweep: {err}", file=sys.stderr)
-                sys.exit(2)
         log.info("%d job(s) composed and checked", len(plans))
         if plans and plans[0].dry_run:
             for line in dryrun.report(plans):
@@ -167,6 +160,12 @@ def main() -> None:
         reasons = cannot_run_here(plans)
         if reasons:
             print(f"qsweep: {reasons}", file=sys.stderr)
+            sys.exit(2)
+        try:  # last: opening the store creates it
+            for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():
+                tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
+        except QsweepError as err:
+            print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
         for plan in plans:
             if plan.skip_reason:
