@@ -3,7 +3,7 @@ fakeplugins.py loaded the way a third party's are: pre-flight, skips, failures, 
 deltas, gates, the summary, the exit code, signals, reuse of stored results, abandoned runs, and
 Hydra's joblib launcher.
 
-Each scenario runs its sweeps in a folder and MLflow store of its own; the scenarios run two at a
+Each scenario runs its sweeps in a folder and MLflow store of its own; the scenarios run three at a
 time (they time nothing) before the tests check what they left."""
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class Case:
     def args(self, *args: str) -> list[str]:
         with_ppl = any(a.startswith("benchmark=") and "ppl" in a for a in args)
         model = write_fake_checkpoint(self.tmp / "fake-model")
-        return [*args, "model=local", f"model.path={model}", *(SHORT_PPL if with_ppl else [])]
+        # the decision report is the main scenario's to check; the others skip writing it (seconds)
+        report = [] if any(a.startswith("report.at_end") for a in args) else ["report.at_end=false"]
+        return [*args, "model=local", f"model.path={model}", *(SHORT_PPL if with_ppl else []), *report]
 
     def sweep(self, *args: str) -> subprocess.CompletedProcess:
         return run_cli(*self.args(*args), tmp=self.tmp, timeout_s=120, fakes=True)
@@ -91,7 +93,7 @@ def scenario(run: Callable[[Case], Any]) -> Callable[[Case], Any]:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, tuple[Case, Future]]:
     cases = {name: Case(tmp_path_factory.mktemp(name)) for name in SCENARIOS}
-    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=3) as pool:
         patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
         futures = {name: pool.submit(run, cases[name]) for name, run in SCENARIOS.items()}
         for future in futures.values():
@@ -108,7 +110,7 @@ def outcome(outcomes, name: str) -> tuple[Case, Any]:
 
 
 MAIN = ("-m", "method=fake-q4,none,fake-q2", "engine=fake,fakeapi", "benchmark=[ppl,fakebench]",
-        "gates.ppl_ratio_max=1.2")  # fmt: skip
+        "gates.ppl_ratio_max=1.2", "report.at_end=true")  # fmt: skip
 
 
 @scenario
@@ -118,8 +120,10 @@ def main_sweep(case: Case):
     recorded_before = case.store.exists() or (case.tmp / "cache").exists()
     first = case.sweep(*MAIN)
     _, _, jobs = case.runs()
-    dry_after = case.sweep(*MAIN, "dry_run=true")
-    dry_rerun = case.sweep(*MAIN, "dry_run=true", "rerun=[fakebench]")
+    with ThreadPoolExecutor(max_workers=2) as both:  # read-only: side by side
+        after = both.submit(case.sweep, *MAIN, "dry_run=true")
+        rerun = both.submit(case.sweep, *MAIN, "dry_run=true", "rerun=[fakebench]")
+        dry_after, dry_rerun = after.result(), rerun.result()
     client, parents, _ = case.runs()
     runs_after_dry_runs = len(client.search_runs([parents[0].info.experiment_id]))
     again = case.sweep(*MAIN, "rerun=[fakebench]")

@@ -161,6 +161,8 @@ def write_report(client, parent_id: str, config: DictConfig) -> None:
 
     try:
         cfg = ReportConfig(**OmegaConf.to_container(config.report, resolve=True))
+        if not cfg.at_end:
+            return
         written = build.sweep_report(client, parent_id, cfg, Path(config.hydra.sweep.dir) / "report")
         log.info("report: %s", written.html)
     except Exception as err:  # noqa: BLE001 - see the docstring

@@ -138,20 +138,18 @@ def write(
     saved = []
     many = len(sections) > 1
     for section in sections:
-        for name, fig in list(section.figures.items()):
-            file = f"{section.model}-{name}" if many else name
+        drawn, section.figures = section.figures, {}
+        for name, fig in drawn.items():
+            file = f"{section.model}-{name}" if many else name  # the Markdown links by file name
             fig.savefig(figure_dir / file, dpi=110)
+            plt.close(fig)
             saved.append(figure_dir / file)
-            if many:  # the Markdown links by file name
-                section.figures[file] = section.figures.pop(name)
+            section.figures[file] = (figure_dir / file).read_bytes()  # the HTML page inlines these
     constraints = constraints_text(cfg)
     written = Written(folder, folder / "report.md", folder / "report.csv", folder / "report.html", saved)
     written.markdown.write_text(render.markdown(title, sections, constraints, comparison), encoding="utf-8")
     written.csv.write_text(render.csv_text(sections), encoding="utf-8")
     written.html.write_text(render.html_page(title, sections, constraints, comparison), encoding="utf-8")
-    for section in sections:
-        for fig in section.figures.values():
-            plt.close(fig)
     return written
 
 

@@ -30,6 +30,7 @@ class ReportConfig:
     # (or the capacity under the latency objective, where the load test searched for one).
     concurrency: int | None = None
     speed_noise: float = 0.05  # relative error of a load test measured once (no repeats)
+    at_end: bool = True  # write the report at the end of every multirun
 
 
 @dataclass

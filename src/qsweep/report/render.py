@@ -26,7 +26,7 @@ class Section:
     picks: list[Pick]
     left_out: dict[str, str]  # job -> why it cannot be recommended
     noise: list[str]
-    figures: dict[str, Figure] = field(default_factory=dict)
+    figures: dict[str, Figure | bytes] = field(default_factory=dict)  # drawn, then as written (PNG)
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -194,7 +194,9 @@ LEGEND = (
 )
 
 
-def _png(fig: Figure) -> str:
+def _png(fig: Figure | bytes) -> str:
+    if isinstance(fig, bytes):  # already written as PNG
+        return base64.b64encode(fig).decode()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return base64.b64encode(buffer.getvalue()).decode()
