@@ -100,25 +100,18 @@ class Config:
 
 
 def _own_ticks() -> int:
-    """CPU ticks used so far by this process and its descendants still running (the server)."""
-    parent_and_ticks: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, utime + stime)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # the command name (2nd field) may hold spaces: parse after its closing parenthesis
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                # utime + stime, and cutime + cstime: its children that have exited and been reaped
-                ticks = sum(int(v) for v in fields[11:15])
-                parent_and_ticks[int(entry.name)] = (int(fields[1]), ticks)
-            except (OSError, ValueError, IndexError):
-                continue
-    ours, frontier = {os.getpid()}, [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (ppid, _) in parent_and_ticks.items() if ppid == parent and pid not in ours]
-        ours.update(children)
-        frontier.extend(children)
-    return sum(parent_and_ticks[pid][1] for pid in ours if pid in parent_and_ticks)
+    """CPU ticks used so far by this process and its descendants (the server, a tool), reaped
+    children included."""
+    total = 0
+    for pid in procs.process_tree(os.getpid()):
+        try:
+            # the command name (2nd field) may hold spaces: parse after its closing parenthesis
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            # utime + stime, and cutime + cstime: its children that have exited and been reaped
+            total += sum(int(v) for v in fields[11:15])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def cpu_sample() -> tuple[int, int, int] | None:
