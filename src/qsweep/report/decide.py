@@ -65,6 +65,11 @@ def error(value: Value, relative_noise: float) -> float:
     return value.stderr if not math.isnan(value.stderr) else abs(value.mean) * relative_noise
 
 
+def within_noise(a: Value, b: Value, relative_noise: float = 0.0) -> bool:
+    """Whether two figures' difference is inside the 95% interval of that difference."""
+    return abs(a.mean - b.mean) <= stats.Z95 * math.hypot(error(a, relative_noise), error(b, relative_noise))
+
+
 def leaders(
     candidates: list[tuple[JobRow, Value]], higher_is_better: bool, relative_noise: float = 0.0
 ) -> list[JobRow]:
@@ -75,12 +80,7 @@ def leaders(
     sign = 1 if higher_is_better else -1
     ranked = sorted(candidates, key=lambda item: -sign * item[1].mean)
     best = ranked[0][1]
-    tied = []
-    for row, value in ranked:
-        gap = sign * (best.mean - value.mean)
-        if gap <= stats.Z95 * math.hypot(error(best, relative_noise), error(value, relative_noise)):
-            tied.append(row)
-    return tied
+    return [row for row, value in ranked if within_noise(best, value, relative_noise)]
 
 
 def excluded(row: JobRow, cfg: ReportConfig) -> str | None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from matplotlib.figure import Figure
 
-from qsweep import stats
-from qsweep.report.decide import Pick, error
+from qsweep.report.decide import Pick, within_noise
 from qsweep.report.rows import JobRow, Value
 
 
@@ -270,7 +269,7 @@ def change(before: Value | None, after: Value | None, relative_noise: float, dig
     if before is None or after is None or math.isnan(before.mean) or math.isnan(after.mean):
         return "-"
     gap = after.mean - before.mean
-    noise = abs(gap) <= stats.Z95 * math.hypot(error(before, relative_noise), error(after, relative_noise))
+    noise = within_noise(before, after, relative_noise)
     relative = f" ({gap / before.mean:+.1%})" if before.mean else ""
     flag = " ~noise" if noise and gap else ""
     return f"{before.mean:.{digits}f} → {after.mean:.{digits}f}{relative}{flag}"
