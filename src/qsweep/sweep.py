@@ -102,11 +102,7 @@ class SweepCallback(Callback):
         if getattr(self, "heartbeat", None):
             self.heartbeat.stop()
         client, experiment_id = tracking.client_for(config)
-        children = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-            order_by=["attributes.start_time ASC"],
-        )
+        children = tracking.sweep_jobs(client, experiment_id, run_id)
         flag_disagreeing_baselines(client, children)
         log.info("sweep summary:\n%s", summary_table(children))
         write_report(client, run_id, config)
@@ -157,10 +153,9 @@ def write_report(client, parent_id: str, config: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     from qsweep.report import build
-    from qsweep.report.decide import ReportConfig
 
     try:
-        cfg = ReportConfig(**OmegaConf.to_container(config.report, resolve=True))
+        cfg = OmegaConf.to_object(config.report)  # a ReportConfig: the schema types the section
         if not cfg.at_end:
             return
         written = build.sweep_report(client, parent_id, cfg, Path(config.hydra.sweep.dir) / "report")

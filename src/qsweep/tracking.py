@@ -275,6 +275,16 @@ def close_abandoned_runs(client, experiment_id: str) -> list[str]:
     return closed
 
 
+def sweep_jobs(client, experiment_id: str, parent_id: str) -> list:
+    """A sweep's job runs (children of its parent run), in the order they started."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
+
+
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 

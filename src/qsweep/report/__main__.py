@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. report.min_recovery=0.98")
     args = parser.parse_args(argv)
     cfg = compose(args.overrides)
-    report_cfg = ReportConfig(**OmegaConf.to_container(cfg.report, resolve=True))
+    report_cfg: ReportConfig = OmegaConf.to_object(cfg.report)  # the schema types the section
     client, experiment_id = tracking.client_for(cfg)
     started = time.monotonic()
     against = parent_id(args.against) if args.against else None

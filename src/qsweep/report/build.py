@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from qsweep import tracking
 from qsweep.errors import QsweepError
 from qsweep.report import decide, figures, render
 from qsweep.report.decide import ReportConfig
@@ -32,13 +33,7 @@ class Written:
 
 def sweep_runs(client, parent_id: str) -> list:
     """A sweep's job runs, in the order they started."""
-    parent = client.get_run(parent_id)
-    return client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=5000,
-    )
+    return tracking.sweep_jobs(client, client.get_run(parent_id).info.experiment_id, parent_id)
 
 
 def latest_sweep(client, experiment_id: str) -> str:
