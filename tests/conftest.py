@@ -95,3 +95,20 @@ def smollm2(llamacpp_env, shared_model_cache, tmp_path_factory):
 
     ctx = job_context(tmp_path_factory.mktemp("prepare"), shared_model_cache)
     return models.prepare(models.from_conf("smollm2-135m"), "smollm2-135m", ctx)
+
+
+def live_processes(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes, zombies and this one left out, whose command line
+    mentions `marker` (a test's folder: its servers, tools and scorers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append((int(entry.name), cmdline))
+    return found

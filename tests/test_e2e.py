@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_ENVS, run_cli
+from conftest import REAL_ENVS, live_processes, run_cli
 from qsweep.benchmarks import perf
 from qsweep.context import BenchmarkResult
 from qsweep.envs import StageEnv
@@ -237,26 +237,7 @@ def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, 
 
 def _children_running(marker: str) -> list[str]:
     """Live processes whose command line mentions `marker` (servers and scorers of this test)."""
-    import os
-    from pathlib import Path
-
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if (
-            marker in cmdline
-            and state != "Z"
-            and "-m qsweep" not in cmdline
-            and int(proc.name) != os.getpid()
-        ):
-            found.append(cmdline)
-    return found
+    return [cmdline for _, cmdline in live_processes(marker) if "-m qsweep" not in cmdline]
 
 
 def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, live_processes, run_cli
 from fakeplugins import write_fake_checkpoint
 from test_e2e import _children_running, runs
 
@@ -63,16 +63,7 @@ def read_until(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: fl
 
 def pids_of(name: str, marker: str) -> list[int]:
     """Live processes named `name` whose command line mentions `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if name in cmdline.split(" ", 1)[0] and marker in cmdline:
-                found.append(int(entry.name))
-    return found
+    return [pid for pid, cmdline in live_processes(marker) if name in cmdline.split(" ", 1)[0]]
 
 
 def finish(proc: subprocess.Popen, seen: list[str], timeout_s: float = 600) -> str:
