@@ -59,8 +59,9 @@ def creatable(path: Path) -> str | None:
 
 
 def check_store(cfg) -> None:
-    """Pre-flight: the MLflow store can be opened and written (the experiment is made if new),
-    and the folders qsweep writes can be made; QsweepError with one line naming the setting."""
+    """Pre-flight: the folders qsweep writes can be made, and a store other than a SQLite file can
+    be opened and written (the experiment is made if new); QsweepError with one line naming the
+    setting."""
     for name in ("mlruns", "outputs", "artifact_cache", "model_cache"):
         why = creatable(Path(getattr(cfg.paths, name)).expanduser())
         if why:
@@ -85,7 +86,8 @@ def check_store(cfg) -> None:
             raise QsweepError(
                 f"tracking.uri={uri} does not answer ({reason}): start the server or fix the URI"
             ) from None
-    client_for(cfg)
+    if scheme != "sqlite":  # a SQLite file in a folder that can be made opens; others must be tried
+        client_for(cfg)
 
 
 def patiently(call, what: str, patience_s: float = 600.0):
