@@ -109,13 +109,17 @@ class FakeApiConfig(FakeServeConfig):
     pass
 
 
+REPLY = "Paris, the capital and largest city of France, lies on the Seine in the north of the country."
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._reply({"status": "ok"})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        words = ("Paris " * body.get("max_tokens", 1)).strip()
+        # a plausible reply (a repeated word would be flagged as a degenerate smoke reply)
+        words = " ".join(REPLY.split()[: body.get("max_tokens", 1)])
         self._reply({"choices": [{"text": " " + words, "message": {"content": words}}]})
 
     def _reply(self, payload: dict) -> None:

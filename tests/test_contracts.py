@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qsweep import cli, config, contracts, plugins
+from qsweep import cli, config, contracts, plan, plugins
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import FullDistribution, ScoresPrompt, ServedModel, Tokenizes
@@ -44,6 +44,19 @@ def test_each_plugin_has_its_own_schema_and_an_option_that_composes_to_it():
                 assert plugin.Config.__name__ in used, f"no conf/{registry.group}/ option uses {name}_schema"
         for name, _ in BENCHMARKS.items():
             assert name in cli.group_options("benchmark"), f"conf/benchmark/{name}.yaml is missing"
+
+
+def test_plugin_options_select_nothing_but_their_schema():
+    """A model, method or engine option's defaults list names only its schema: choosing one cannot
+    change which benchmarks run (plan.benchmark_order relies on it)."""
+    import yaml
+
+    for group in plan.PLUGIN_GROUPS:
+        for path in sorted((config.CONF_DIR / group).glob("*.yaml")):
+            defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+            own = [d for d in defaults if isinstance(d, str) and (d == "_self_" or config.is_schema(d))]
+            extra = [d for d in defaults if d not in own]
+            assert not extra, f"{path}: its defaults list selects {extra}"
 
 
 def plan_config(group: str, option: str):

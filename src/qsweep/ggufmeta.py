@@ -7,6 +7,7 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,9 +46,10 @@ def _value(f: BinaryIO, kind: int, keep: bool) -> Any:
     raise ValueError(f"unknown GGUF value type {kind}")
 
 
-def metadata(path: Path, wanted: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The header's scalar and string values (arrays only for keys in `wanted`)."""
-    found: dict[str, Any] = {}
+def entries(path: Path, wanted: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """The header's (key, value) pairs in file order; arrays are skipped (value None) unless their
+    key is in `wanted`. A reader that has what it needs can stop early: the tokenizer's vocabulary
+    (hundreds of thousands of strings) comes after the model's hyper-parameters."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
@@ -58,15 +60,23 @@ def metadata(path: Path, wanted: tuple[str, ...] = ()) -> dict[str, Any]:
         for _ in range(_read(f, "<Q")):
             key = _string(f)
             kind = _read(f, "<I")
-            value = _value(f, kind, keep=key in wanted)
-            if value is not None:
-                found[key] = value
-    return found
+            yield key, _value(f, kind, keep=key in wanted)
+
+
+def metadata(path: Path, wanted: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The header's scalar and string values (arrays only for keys in `wanted`)."""
+    return {key: value for key, value in entries(path, wanted) if value is not None}
 
 
 def context_length(path: Path) -> int | None:
     """The model's trained context (`<architecture>.context_length`), or None if it is not said."""
-    meta = metadata(path)
-    arch = meta.get("general.architecture")
-    value = meta.get(f"{arch}.context_length") if arch else None
+    arch, lengths = None, {}
+    for key, value in entries(path):
+        if key == "general.architecture":
+            arch = value
+        elif key.endswith(".context_length"):
+            lengths[key.removesuffix(".context_length")] = value
+        if arch in lengths:  # llama.cpp writes the architecture first: this stops early
+            break
+    value = lengths.get(arch)
     return int(value) if value else None

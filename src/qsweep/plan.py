@@ -116,17 +116,35 @@ def typed(cfg: DictConfig, section: str) -> Any:
         raise QsweepError(f"{key} has no value: set {key}=...") from None
 
 
+# The groups whose options are plug-in settings: an option's defaults list holds only its schema
+# (tests/test_contracts.py checks), so their choices cannot change which benchmarks are selected.
+PLUGIN_GROUPS = ("model", "method", "engine")
+
+
 def benchmark_order(overrides: list[str]) -> list[str]:
     """The selected benchmarks in the order they were listed (`benchmark=[ppl,perf]` runs ppl
     first): the order of their options in Hydra's defaults list for these overrides. Needs Hydra
     initialized (the pre-flight, a job under any launcher); [] where it is not."""
     if not GlobalHydra.instance().is_initialized():
         return []
-    defaults = (
-        GlobalHydra.instance().config_loader().compute_defaults_list("config", list(overrides), RunMode.RUN)
-    )
+    loader = GlobalHydra.instance().config_loader()
+    # Only choices of other groups can change the answer: a sweep's jobs share it (computing a
+    # defaults list costs ~0.1 s per job).
+    deciding = tuple(o for o in overrides if not _is_value_or_plugin_choice(o))
+    return list(_benchmark_order(str(loader.get_search_path()), deciding))
+
+
+def _is_value_or_plugin_choice(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "." in key or key.split("@", 1)[0] in PLUGIN_GROUPS
+
+
+@functools.lru_cache(maxsize=32)
+def _benchmark_order(search_path: str, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    loader = GlobalHydra.instance().config_loader()
+    defaults = loader.compute_defaults_list("config", list(overrides), RunMode.RUN)
     packages = (d.package or "" for d in defaults.defaults)
-    return list(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
+    return tuple(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
 
 
 def check_context(context: int | None, model_name: str, name: str, benchmark: Benchmark, cfg: Any) -> None:
