@@ -102,6 +102,7 @@ class FakeQuant(Method):
 class FakeServeConfig(EngineConfig):
     slots: int = speed_only(1)  # sized from the benchmarks' load, like llama-server's -np
     crash_on_start: bool = False
+    degenerate_below_bits: float = 0.0  # replies '1 1 1 ...' for artifacts of fewer bits per weight
 
 
 @dataclass
@@ -110,16 +111,18 @@ class FakeApiConfig(FakeServeConfig):
 
 
 REPLY = "Paris, the capital and largest city of France, lies on the Seine in the north of the country."
+BROKEN_REPLY = " ".join(["1"] * 20)  # what a broken checkpoint says
 
 
 class _Handler(BaseHTTPRequestHandler):
+    reply = REPLY  # set per server
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._reply({"status": "ok"})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        # a plausible reply (a repeated word would be flagged as a degenerate smoke reply)
-        words = " ".join(REPLY.split()[: body.get("max_tokens", 1)])
+        words = " ".join(self.reply.split()[: body.get("max_tokens", 1)])
         self._reply({"choices": [{"text": " " + words, "message": {"content": words}}]})
 
     def _reply(self, payload: dict) -> None:
@@ -135,14 +138,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def _http_server(cfg: FakeServeConfig, ctx: JobContext) -> Iterator[str]:
+def _http_server(cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> Iterator[str]:
     # As careless a tool as there is: it prints its arguments and a token from its environment.
     ctx.log("server.log").write_text(
         f"fake-server {' '.join(cfg.extra_args)} HF_TOKEN={os.environ.get('HF_TOKEN')}\n"
     )
     if cfg.crash_on_start:
         raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
-    server = ThreadingHTTPServer((cfg.host, cfg.port), _Handler)
+    broken = artifact.metrics.get("bits_per_weight", 16.0) < cfg.degenerate_below_bits
+    handler = type("Handler", (_Handler,), {"reply": BROKEN_REPLY if broken else REPLY})
+    server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     with open(ctx.log("server.log"), "a") as log:
@@ -187,7 +192,7 @@ class _FakeEngine(Engine):
     @contextlib.contextmanager
     def serve(self, cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> Iterator[ServedModel]:
         started = time.monotonic()
-        with _http_server(cfg, ctx) as url:
+        with _http_server(cfg, artifact, ctx) as url:
             yield self.served_type(cfg, artifact, url, time.monotonic() - started, ctx.log("server.log"), ctx)
 
 

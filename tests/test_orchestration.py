@@ -327,9 +327,22 @@ def test_no_secret_reaches_the_store(outcomes):
 @scenario
 def failures(case: Case):
     methods = "method=none,fake-broken,fake-q2,fake-q4"
-    return case.sweep(
-        "-m", methods, "engine=fake", "benchmark=[ppl,fakebench]", "benchmark.fakebench.fail_below_bits=3"
-    )
+    return case.sweep("-m", methods, "engine=fake", "benchmark=[ppl,fakebench]",
+                      "benchmark.fakebench.fail_below_bits=3", "engine.degenerate_below_bits=5")  # fmt: skip
+
+
+def test_a_result_that_cannot_be_right_is_flagged_not_reported_as_fine(outcomes):
+    """The 4-bit fake's server answers '1 1 1 ...' (a broken checkpoint): the job finishes, its run
+    is tagged suspect with the reason, and the summary says so; the baseline is not flagged."""
+    case, done = outcome(outcomes, "failures")
+    _, _, jobs = case.runs()
+    q4 = jobs["fake-model/fake-q4/fake"]
+    assert q4.info.status == "FINISHED"
+    why = q4.data.tags["qsweep.suspect"]
+    assert why.startswith("the smoke reply is degenerate ('1 1 1 1") and why.endswith("a broken checkpoint?")
+    assert "qsweep.suspect" not in jobs["fake-model/none/fake"].data.tags
+    row = next(line for line in done.stdout.splitlines() if line.startswith("fake-model/fake-q4/fake "))
+    assert "SUSPECT: the smoke reply is degenerate" in row
 
 
 @scenario
