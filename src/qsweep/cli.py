@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qsweep import config, dryrun, job, logs, tracking
 from qsweep.errors import QsweepError
-from qsweep.plan import JobPlan, benchmark_order, plan_job
+from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job
 from qsweep.sweep import SweepFailed
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def plan_overrides(overrides: list[str]) -> JobPlan:
     from hydra import compose
 
     cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    return plan_job(cfg, cfg.hydra.runtime.choices, benchmark_order(overrides))
+    return plan_job(cfg, cfg.hydra.runtime.choices, benchmark_order(overrides), given_keys(overrides))
 
 
 def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
@@ -153,6 +153,8 @@ def main() -> None:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
         log.info("%d job(s) composed and checked", len(plans))
+        for note in dict.fromkeys(note for plan in plans for note in plan.notes):
+            log.info("  note: %s", note)
         if plans and plans[0].dry_run:
             for line in dryrun.report(plans):
                 log.info(line)

@@ -1,5 +1,5 @@
 """A GGUF file's metadata (key/value header), read in pure Python: what the pre-flight needs to know
-about a model shipped as GGUF (its context length) before any stage environment runs.
+about a model shipped as GGUF (its context length and layer widths) before any stage environment runs.
 
 Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian; version 2 and 3).
 """
@@ -68,15 +68,14 @@ def metadata(path: Path, wanted: tuple[str, ...] = ()) -> dict[str, Any]:
     return {key: value for key, value in entries(path, wanted) if value is not None}
 
 
-def context_length(path: Path) -> int | None:
-    """The model's trained context (`<architecture>.context_length`), or None if it is not said."""
-    arch, lengths = None, {}
+def hyperparameters(path: Path) -> dict[str, Any]:
+    """The header's values up to the tokenizer's (llama.cpp writes `general.*` and the architecture's
+    hyper-parameters first): what the pre-flight needs, in microseconds instead of a vocabulary's
+    worth of reads."""
+    found = {}
     for key, value in entries(path):
-        if key == "general.architecture":
-            arch = value
-        elif key.endswith(".context_length"):
-            lengths[key.removesuffix(".context_length")] = value
-        if arch in lengths:  # llama.cpp writes the architecture first: this stops early
+        if key.startswith("tokenizer."):
             break
-    value = lengths.get(arch)
-    return int(value) if value else None
+        if value is not None:
+            found[key] = value
+    return found

@@ -23,7 +23,7 @@ from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import Served, StageClock, serve_and_measure
 from qsweep.models import PreparedModel
-from qsweep.plan import JobPlan, benchmark_order, plan_job
+from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job
 from qsweep.sweep import JobOutcome, parent_run_id, sweep_began
 from qsweep.tracking import JobRecorder
 
@@ -35,7 +35,8 @@ def run_job(cfg: DictConfig) -> JobOutcome:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     with procs.stop_on_signals():
-        plan = plan_job(cfg, hydra_cfg.runtime.choices, benchmark_order(list(hydra_cfg.overrides.task)))
+        overrides = list(hydra_cfg.overrides.task)
+        plan = plan_job(cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides))
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
         # rerun=[quantize] rebuilds what was built before this sweep began, once per sweep.
@@ -60,11 +61,17 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         ctx.note(f"benchmark {name} skipped: {why}")
     if plan.caveat:
         ctx.note(plan.caveat)
+    for note in plan.notes:
+        ctx.note(note)
     clock = StageClock()
     status, error, trace = "FINISHED", "", None
     try:
         with clock.stage("model"):
             model = models.prepare(plan.model, plan.model_name, ctx)
+            if not plan.model.path:  # a prepared or downloaded checkpoint: its own config.json, again
+                notes = plan.check_checkpoint(model.path)
+                for note in notes if not plan.shape.widths else []:  # else said at pre-flight
+                    ctx.note(note)
         record.model(model.cache_hit)
 
         with clock.stage("quantize"):

@@ -48,6 +48,11 @@ class ModelConfig:
     revision: str | None = None  # source=hub
     dtype: str = "bfloat16"  # dtype of a checkpoint qsweep writes (pypi_gguf)
     timeout_s: int = 3600
+    # What the model card says, for the pre-flight of a hub model not downloaded yet (a checkpoint's
+    # own config.json, read once it is there, wins): its trained context and the input widths of its
+    # linear layers (hidden, attention output, MLP), which a quantization group size must divide.
+    max_context: int | None = None
+    layer_widths: list[int] | None = None
 
 
 @dataclass
@@ -99,27 +104,60 @@ def check(cfg: ModelConfig, name: str) -> None:
         raise QsweepError(f"model '{name}' has source local but no model.path: set model.path=/dir")
 
 
-def max_context(cfg: ModelConfig) -> int | None:
-    """The model's trained context in tokens, where it can be known before anything runs: a local
-    checkpoint's config.json, a PyPI GGUF's header; None for a hub model not yet downloaded."""
-    if cfg.path:
-        try:
-            config = json.loads((Path(cfg.path).expanduser() / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
-        config = config.get("text_config", config)  # multimodal checkpoints nest the language model's
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(config.get(key), int):
-                return config[key]
-        return None
-    if cfg.source is ModelSource.pypi_gguf and cfg.package and cfg.gguf_file:
-        from qsweep import ggufmeta
+@dataclass(frozen=True)
+class ModelShape:
+    """What can be known of a model's architecture before anything runs (the pre-flight's view)."""
 
+    context: int | None = None  # trained context, in tokens
+    widths: tuple[int, ...] = ()  # input widths of the linear layers: hidden, attention output, MLP
+    source: str = ""  # where it was read, for messages
+
+
+def checkpoint_shape(path: Path) -> ModelShape:
+    """A checkpoint's shape from its config.json (a multimodal one's language model)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return ModelShape()
+    config = config.get("text_config", config)
+    keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    context = next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+    widths = (hidden, heads * head_dim if heads and head_dim else None, config.get("intermediate_size"))
+    return ModelShape(context, tuple(w for w in widths if isinstance(w, int)), f"{path.name}/config.json")
+
+
+def gguf_shape(path: Path) -> ModelShape:
+    """A GGUF's shape from its header (`<arch>.context_length`, `.embedding_length`, ...)."""
+    from qsweep import ggufmeta
+
+    try:
+        meta = ggufmeta.hyperparameters(path)
+    except (OSError, ValueError):
+        return ModelShape()
+    arch = meta.get("general.architecture")
+    get = lambda key: meta.get(f"{arch}.{key}")  # noqa: E731
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length") or (hidden // heads if hidden and heads else None)
+    widths = (hidden, heads * head_dim if heads and head_dim else None, get("feed_forward_length"))
+    context = get("context_length")
+    return ModelShape(
+        int(context) if context else None, tuple(int(w) for w in widths if w), f"{path.name}'s header"
+    )
+
+
+def shape(cfg: ModelConfig) -> ModelShape:
+    """The model's shape where it can be known before anything runs: a local checkpoint's
+    config.json, a PyPI GGUF's header, a hub model's declared `max_context` and `layer_widths`."""
+    if cfg.path:
+        return checkpoint_shape(Path(cfg.path).expanduser())
+    if cfg.source is ModelSource.pypi_gguf and cfg.package and cfg.gguf_file:
         try:
-            return ggufmeta.context_length(package_file(cfg.package, cfg.gguf_file))
-        except (OSError, ValueError):
-            return None
-    return None
+            return gguf_shape(package_file(cfg.package, cfg.gguf_file))
+        except QsweepError:
+            return ModelShape()
+    return ModelShape(cfg.max_context, tuple(cfg.layer_widths or ()), "model.layer_widths")
 
 
 def dir_fingerprint(path: Path) -> str:

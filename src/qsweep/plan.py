@@ -70,6 +70,9 @@ class JobPlan:
     skip_reason: str | None = None  # the pair cannot run: the job is recorded as skipped
     caveat: str | None = None  # the pair runs, but its figures need a note
     rerun: frozenset[str] = frozenset()  # stages to redo although their results exist
+    shape: models.ModelShape = field(default_factory=models.ModelShape)  # what the pre-flight knew
+    given: frozenset[str] = frozenset()  # the keys set on the command line
+    notes: list[str] = field(default_factory=list)  # what was adapted to the model, said at pre-flight
     paths: Any = None  # where caches, environments and outputs are (PathsConfig)
     tracking: Any = None  # the MLflow store (TrackingConfig)
     dry_run: bool = False
@@ -88,6 +91,11 @@ class JobPlan:
         """Why this machine cannot run the job (no hub for the model, no GPU), if it cannot."""
         reasons = [models.unavailable(self.model, ctx), self.engine.unavailable(self.engine_cfg)]
         return [reason for reason in reasons if reason]
+
+    def check_checkpoint(self, path: Path) -> list[str]:
+        """The checks of the model's shape again, on a prepared checkpoint's config.json (a hub
+        model's, known only after its download): raises QsweepError before anything is quantized."""
+        return check_shape(self, models.checkpoint_shape(path))
 
     def forces(self, stage: str) -> bool:
         """Whether `stage` ("quantize" or a benchmark's name) is to be redone: named, or `all`, or
@@ -147,6 +155,11 @@ def _benchmark_order(search_path: str, overrides: tuple[str, ...]) -> tuple[str,
     return tuple(dict.fromkeys(p.removeprefix("benchmark.") for p in packages if p.startswith("benchmark.")))
 
 
+def given_keys(overrides: list[str]) -> frozenset[str]:
+    """The keys the command line sets (`method.group_size=64` -> `method.group_size`)."""
+    return frozenset(o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
+
+
 def check_context(context: int | None, model_name: str, name: str, benchmark: Benchmark, cfg: Any) -> None:
     """A benchmark asks for no sequence longer than the model was trained for (where known)."""
     load = benchmark.load(cfg)
@@ -156,6 +169,15 @@ def check_context(context: int | None, model_name: str, name: str, benchmark: Be
             f"benchmark {name} needs {longest}-token sequences, longer than model {model_name}'s context "
             f"of {context} tokens: lower benchmark.{name}'s n_ctx or token settings"
         )
+
+
+def check_shape(plan: JobPlan, shape: models.ModelShape) -> list[str]:
+    """Every context asked for, and the method's settings, against the model's shape; the notes
+    on what the method adapts to it."""
+    for name, (benchmark, cfg) in plan.benchmarks.items():
+        check_context(shape.context, plan.model_name, name, benchmark, cfg)
+    own = frozenset(key.removeprefix("method.") for key in plan.given if key.startswith("method."))
+    return plan.method.check_model(plan.method_cfg, shape, own)
 
 
 def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str, tuple[Benchmark, Any]]:
@@ -175,9 +197,12 @@ def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str
     return ordered
 
 
-def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ()) -> JobPlan:
+def plan_job(
+    cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = (), given: frozenset[str] = frozenset()
+) -> JobPlan:
     """Check one composed job and decide what it will do; raises QsweepError naming the fix.
-    `order` lists benchmark names in the order to run them (`benchmark_order`)."""
+    `order` lists benchmark names in the order to run them (`benchmark_order`); `given`, the keys
+    set on the command line (`given_keys`)."""
     sections = {name: typed(cfg, name) for name in SECTIONS if name in cfg}
     model_cfg, method_cfg, engine_cfg = sections["model"], sections["method"], sections["engine"]
     method = METHODS.for_config(type(method_cfg))
@@ -205,10 +230,10 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
     runnable: dict[str, tuple[Benchmark, Any]] = {}
     skipped: dict[str, str] = {}
     capabilities = engine.capabilities()
-    context = models.max_context(model_cfg)
+    shape = models.shape(model_cfg)
     for name in sorted(selected, key=lambda n: (order.index(n) if n in order else len(order), n)):
         benchmark, bench_cfg = BENCHMARKS.get(name), getattr(container, name)
-        check_context(context, model_name, name, benchmark, bench_cfg)
+        check_context(shape.context, model_name, name, benchmark, bench_cfg)  # the likelier cause first
         benchmark.check(bench_cfg)
         unmet = benchmark.unmet(capabilities)
         if unmet:
@@ -222,7 +247,7 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
     load = functools.reduce(Load.combine, (b.load(c) for b, c in runnable.values()), Load())
     fitted = engine.fit(engine_cfg, load)
     before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)
-    return JobPlan(
+    plan = JobPlan(
         name=f"{model_name}/{method_option}/{engine_option}",
         choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
         model_name=model_name,
@@ -242,8 +267,12 @@ def plan_job(cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = ())
         skip_reason=compat.skip_reason(method_option, method, engine_option, engine, device),
         caveat=compat.caveat(method_option, engine, device),
         rerun=rerun,
+        shape=shape,
+        given=given,
         paths=sections["paths"],
         tracking=sections["tracking"],
         dry_run=sections["dry_run"],
         fail_fast=sections.get("fail_fast", False),
     )
+    plan.notes = check_shape(plan, plan.shape)
+    return plan

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from qsweep.context import Artifact, JobContext
 from qsweep.envs import StageEnvSpec
-from qsweep.models import PreparedModel
+from qsweep.models import ModelShape, PreparedModel
 from qsweep.plugins import Registry
 
 
@@ -43,6 +43,13 @@ class Method(ABC):
 
     def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
+
+    def check_model(self, cfg: Any, shape: ModelShape, given: frozenset[str]) -> list[str]:
+        """Validation against the model's shape (its context and layer widths, where known: at
+        pre-flight, and again once a downloaded checkpoint's config.json is there). `given` names
+        this method's settings set on the command line. Raise QsweepError with one line naming the
+        fix, or return notes on what is adapted to the model."""
+        return []
 
     def plan(self, cfg: Any, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         """The cache entries `build` would use and whether they exist, computed with the same keys

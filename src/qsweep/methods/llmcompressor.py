@@ -22,7 +22,7 @@ from qsweep.context import Artifact, JobContext
 from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
 from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
-from qsweep.models import PreparedModel
+from qsweep.models import ModelShape, PreparedModel
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,10 @@ class Backend(Enum):
 class Config:
     algorithm: Algorithm = MISSING
     scheme: str = "W4A16"  # a compressed-tensors preset: W4A16, W4A16_ASYM, W8A8, FP8_DYNAMIC, ...
-    group_size: int | None = 128  # W4A16 only; lowered to a divisor of the layer widths if needed
+    # W4A16 only. Must divide the input widths of the model's linear layers: a value set on the
+    # command line that does not is refused; an option's own (gptq's 128) is lowered to the largest
+    # power of two that does, with a note (SmolLM2's 576 -> 64).
+    group_size: int | None = 128
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str | None = None  # a llm-compressor recipe YAML; replaces algorithm/scheme/group_size/ignore
     backend: Backend = Backend.llmcompressor
@@ -84,6 +87,29 @@ def check(cfg: Config) -> None:
         calibration.check(cfg.calibration)
 
 
+def check_group_size(cfg: Config, shape: ModelShape, given: bool) -> list[str]:
+    """A group size divides every quantized layer's input width, or is refused naming the nearest
+    one that does (`given`: set on the command line) or lowered as the stage script lowers it."""
+    if cfg.recipe or cfg.group_size is None or not cfg.scheme.startswith("W4A16") or not shape.widths:
+        return []
+    common = math.gcd(*shape.widths)
+    if common % cfg.group_size == 0:
+        return []
+    fitting = [1 << k for k in range(16) if common % (1 << k) == 0]
+    widths = f"({', '.join(map(str, shape.widths))}, from {shape.source})"
+    if given:
+        nearest = min(fitting, key=lambda size: (abs(size - cfg.group_size), size))
+        raise QsweepError(
+            f"method.group_size={cfg.group_size} does not divide the model's layer widths {widths}: "
+            f"use {nearest}"
+        )
+    lowered = max(size for size in fitting if size <= cfg.group_size)
+    return [
+        f"group size {cfg.group_size} does not divide the model's layer widths {widths}: {lowered} "
+        f"is used (set method.group_size to choose)"
+    ]
+
+
 def calibration_file(cfg: Config, ctx: JobContext) -> tuple[Path | None, str | None]:
     """The calibration JSONL and its hash; None for methods that need no data."""
     if not needs_calibration(cfg):
@@ -108,6 +134,9 @@ class LlmCompressorMethod(Method):
 
     def check(self, cfg: Config) -> None:
         check(cfg)
+
+    def check_model(self, cfg: Config, shape: ModelShape, given: frozenset[str]) -> list[str]:
+        return check_group_size(cfg, shape, given="group_size" in given)
 
     def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         sha = calibration.content_sha(cfg.calibration, ctx.artifact_cache) if needs_calibration(cfg) else None
