@@ -207,3 +207,143 @@ def test_a_store_locked_by_another_writer_is_waited_out_and_nothing_is_lost(tmp_
     assert [r.info.status for r in second] == ["FINISHED", "FINISHED"]
     assert all("fake_score" in r.data.metrics for r in second)
     INJECTED.append("MLflow store locked by another writer for 30 s: waited out, every job FINISHED")
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """What Ctrl-C in a terminal does: SIGINT to the foreground process group (the controller's;
+    the tools it starts run in sessions of their own)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def start_own_group(tmp: Path, *args: str, cache: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qsweep", *args, f"paths.mlruns={tmp / 'mlruns'}",
+           f"paths.artifact_cache={cache or tmp / 'cache'}", f"paths.outputs={tmp / 'outputs'}"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_for_tool(proc: subprocess.Popen, names: tuple[str, ...], marker: str, seen: list[str]) -> int:
+    """The pid of the first live process named one of `names` under `marker`, while `proc` runs."""
+    deadline = time.monotonic() + 600
+    while not (found := [pid for name in names for pid in pids_of(name, marker)]):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen[-30:]) + (
+            proc.stdout.read() if proc.poll() is not None else ""
+        )
+        time.sleep(0.2)
+    return found[0]
+
+
+# Ctrl-C while each stage's tool runs: the model's conversion from its GGUF (a model cache of the
+# test's own), the importance matrix and quantization, and the load test against llama-server.
+CTRL_C_STAGES = {
+    "model": (("python",), ["method=none", "benchmark=[ppl]"], "preparing model"),
+    "quantize": (("llama-imatrix", "llama-quantize"), ["method=gguf-iq4_xs", "benchmark=[ppl]"], None),
+    "benchmark": (("llama-server",), SHORT_PERF, "stage benchmark_perf ..."),
+}
+
+
+@pytest.mark.parametrize("stage", list(CTRL_C_STAGES))
+def test_ctrl_c_in_each_stage_stops_everything_and_marks_the_runs_killed(
+    stage, tmp_path, cache, llamacpp_env
+):
+    names, args, after = CTRL_C_STAGES[stage]
+    model_cache = ["paths.model_cache=" + str(tmp_path / "models")] if stage == "model" else []
+    marker = str(tmp_path / "models") if stage == "model" else str(cache)
+    proc = start_own_group(tmp_path, "-m", *args, *model_cache, cache=cache)
+    seen: list[str] = []
+    try:
+        if after:
+            read_until(proc, after, seen)
+        wait_for_tool(proc, names, marker, seen)
+        time.sleep(0.5)  # well inside the tool's work
+        interrupt(proc)
+        out = finish(proc, seen, timeout_s=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out
+    _, every = runs(tmp_path)
+    assert sorted(r.info.status for r in every) == ["KILLED", "KILLED"], out[-3000:]  # the job, the sweep
+    for folder in (cache, tmp_path / "models"):
+        assert not list(folder.glob("*/.tmp-*")), "an interrupted build leaves no build folder behind"
+    no_orphans(str(tmp_path))
+    no_orphans(str(cache))
+    INJECTED.append(f"Ctrl-C during the {stage} stage ({names[-1]} running): exit 130, runs KILLED, "
+                    "no build folder left")  # fmt: skip
+
+
+def test_a_full_disk_fails_the_build_in_one_line_and_leaves_nothing_half_written(tmp_path, llamacpp_env):
+    """The artifact cache on a 64 MB filesystem: the f16 GGUF (271 MB) cannot be written. Both jobs
+    fail saying the disk is full (llama.cpp's converter only says '884736 requested and 807680
+    written'), the sweep goes on to the second, and the cache holds no partial file."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert mounted.returncode == 0, f"this test mounts a small tmpfs (as root): {mounted.stderr}"
+    try:
+        proc = start_own_group(tmp_path, "-m", "method=none,gguf-q4_k_m", "benchmark=[ppl]",
+                               "benchmark.ppl.max_tokens=1024", cache=small)  # fmt: skip
+        out = finish(proc, [], timeout_s=900)
+        left = [p for p in small.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], timeout=30)
+    assert proc.returncode == 1, out[-3000:]
+    _, every = runs(tmp_path)
+    jobs = [r for r in every if r.data.tags.get("qsweep.kind") == "job"]
+    assert [r.info.status for r in jobs] == ["FAILED", "FAILED"]  # the second job ran too
+    for job in jobs:
+        error = job.data.tags["qsweep.error"]
+        assert error.startswith("disk full while building") and "\n" not in error, error
+    assert left == [], left
+    no_orphans(str(tmp_path))
+    INJECTED.append("artifact cache on a full disk: both jobs FAILED with 'disk full while building', "
+                    "no partial file")  # fmt: skip
+
+
+def test_two_sweeps_at_once_on_one_cache_build_each_entry_once(tmp_path, llamacpp_env):
+    shared = tmp_path / "shared-cache"
+    args = ("method=gguf-q4_k_m", "benchmark=[ppl]", "benchmark.ppl.max_tokens=1024")
+    first, second = (start_own_group(tmp_path / name, *args, cache=shared) for name in ("a", "b"))
+    outs = [finish(proc, [], timeout_s=900) for proc in (first, second)]
+    assert first.returncode == second.returncode == 0, outs[0][-2000:] + outs[1][-2000:]
+    built = {kind.name: len([p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")])
+             for kind in shared.iterdir() if kind.is_dir()}  # fmt: skip
+    assert built["gguf-base"] == 1 and built["gguf"] == 1, built
+    jobs = [next(r for r in runs(tmp_path / name)[1] if r.data.tags.get("qsweep.kind") == "job")
+            for name in ("a", "b")]  # fmt: skip
+    assert jobs[0].data.metrics["ppl"] == pytest.approx(jobs[1].data.metrics["ppl"], rel=1e-9)  # one file
+    hits = sorted(job.data.tags["artifact.cache_hit"] for job in jobs)
+    assert hits == ["false", "true"]  # one built it, the other waited for it
+    no_orphans(str(shared))
+    INJECTED.append(f"two sweeps at once on one cache: each entry built once (cache hits {hits}), same ppl")
+
+
+def test_a_killed_controller_takes_its_tools_along_and_the_next_sweep_closes_its_runs(
+    tmp_path, cache, llamacpp_env
+):
+    """SIGKILL (no `finally` runs) during the load test: llama-server and evalscope go with it (they
+    get SIGKILL when their parent dies); the next sweep on the store marks the runs FAILED."""
+    proc = start_own_group(tmp_path, "-m", *SHORT_PERF, "benchmark.perf.requests_per_level=60", cache=cache)
+    seen: list[str] = []
+    try:
+        read_until(proc, "stage benchmark_perf ...", seen)
+        wait_for_tool(proc, ("llama-server",), str(cache), seen)
+        time.sleep(3)  # evalscope is sending requests
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    no_orphans(str(tmp_path))
+    no_orphans(str(cache))
+    _, before = runs(tmp_path)
+    assert sorted(r.info.status for r in before) == ["RUNNING", "RUNNING"]
+    again = run_cli("-m", *SHORT_PERF, tmp=tmp_path, timeout_s=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "marked 2 abandoned run(s) FAILED" in again.stdout
+    client, after = runs(tmp_path)
+    old = [client.get_run(r.info.run_id) for r in before]
+    assert all(r.info.status == "FAILED" and r.data.tags["qsweep.error"].startswith("abandoned") for r in old)
+    no_orphans(str(cache))
+    INJECTED.append("controller SIGKILLed mid load test: server and load generator gone, runs closed "
+                    "FAILED by the next sweep")  # fmt: skip

@@ -65,6 +65,21 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+FULL_BELOW_BYTES = 16 << 20  # free space under which a failed build is put down to a full disk
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class ArtifactCache:
     """Entries live at <root>/<kind>/<key>/ with a manifest written last.
 
@@ -153,11 +168,13 @@ class ArtifactCache:
                     os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
-            except OSError as err:
-                if err.errno == errno.ENOSPC:
+            except (OSError, QsweepError) as err:
+                # A tool that ran out of space says so in its own words, if at all (numpy: "884736
+                # requested and 807680 written"): the free space on the disk is what tells.
+                if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or _nearly_full(tmp):
                     raise QsweepError(
                         f"disk full while building {what} in {self.root}: free space, or point "
-                        f"paths.artifact_cache / paths.model_cache at a larger disk"
+                        f"paths.artifact_cache / paths.model_cache at a larger disk ({_first_line(err)})"
                     ) from err
                 raise
             finally:

@@ -112,11 +112,13 @@ def watching(check: Callable[[], str | None]) -> Iterator[None]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if qsweep dies, even by SIGKILL, which no `finally`
-    survives (Linux only; elsewhere the process-group cleanup below is all there is)."""
+    """In the child before exec: get SIGKILL if qsweep dies, even by SIGKILL, which no `finally`
+    survives (Linux only; elsewhere the process-group cleanup below is all there is). SIGKILL, not
+    SIGTERM: evalscope catches SIGTERM to wind down and, with nobody left to wait for it, lingered
+    on a dead server; a tool whose controller is gone has nobody to finish for."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
