@@ -645,3 +645,20 @@ def test_baselines_that_disagree_across_engines_are_both_flagged():
     tagged.clear()
     flag_disagreeing_baselines(client, [run("llamacpp", 12.93), run("vllm", 12.885)])
     assert tagged == {}
+
+
+def test_a_gguf_shipped_in_chunks_is_read_before_anything_runs():
+    """The pre-flight reads Gemma-3-270M's shape from its first chunk's header (the chunks come
+    from four PyPI packages); a malformed chunk entry is one clear line."""
+    from qsweep import models
+
+    cfg = models.from_conf("gemma3-270m")
+    shape = models.shape(cfg)
+    assert shape.context == 32768 and shape.widths == (640, 4 * 256, 2048)
+    names = [p.name for p in models.source_files(cfg)]
+    assert names == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    import dataclasses
+
+    broken = dataclasses.replace(cfg, gguf_parts=["no-colon-here"])
+    with pytest.raises(QsweepError, match="is not 'package:path/in/package'"):
+        models.source_files(broken)

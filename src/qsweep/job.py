@@ -72,7 +72,7 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
                 notes = plan.check_checkpoint(model.path)
                 for note in notes if not plan.shape.widths else []:  # else said at pre-flight
                     ctx.note(note)
-        record.model(model.cache_hit)
+        record.model(model)
 
         with clock.stage("quantize"):
             artifact = plan.method.build(plan.method_cfg, model, plan.fmt, ctx)

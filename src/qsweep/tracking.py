@@ -25,6 +25,7 @@ from qsweep import envs, redact
 from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
 from qsweep.measure import Served
+from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan
 from qsweep.results import StoredResult
 
@@ -380,8 +381,11 @@ class JobRecorder:
         self.client.set_tag(self.run_id, "qsweep.skipped", reason)
         self.client.set_terminated(self.run_id, "FINISHED")
 
-    def model(self, cache_hit: bool) -> None:
-        self.client.set_tag(self.run_id, "model.cache_hit", str(cache_hit).lower())
+    def model(self, model: PreparedModel) -> None:
+        self.client.set_tag(self.run_id, "model.cache_hit", str(model.cache_hit).lower())
+        # how closely the checkpoint reproduces the GGUF it was made from
+        numbers = {k: v for k, v in model.checked.items() if isinstance(v, float)}
+        log_params(self.client, self.run_id, {f"model.check.{k}": f"{v:.4f}" for k, v in numbers.items()})
 
     def artifact(self, artifact: Artifact) -> None:
         log_metrics(self.client, self.run_id, artifact.metrics)

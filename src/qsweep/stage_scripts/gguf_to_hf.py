@@ -36,8 +36,49 @@ def gguf_fields(path: Path) -> dict:
         "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.padding_token_id",
         "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_space_prefix",
     )
     return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
+
+
+def sentencepiece_bpe(unigram: dict) -> dict:
+    """A BPE model from the pieces and scores transformers put in a Unigram model. llama.cpp's
+    SentencePiece vocabularies (tokenizer.ggml.model 'llama': Gemma's) are BPE, a piece's score
+    minus its merge rank; read as Unigram scores they split ordinary text into single characters
+    (Gemma-3-270M: 6,000 tokens for 6,000 characters where llama.cpp makes 1,541, and a perplexity of
+    18,000 instead of 8)."""
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    pieces = [(piece, score) for piece, score in unigram["vocab"]]
+    vocab = {}
+    for index, (piece, _) in enumerate(pieces):
+        vocab.setdefault(piece, index)
+    merges = generate_merges(vocab, pieces)
+    unk = unigram.get("unk_id")
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": pieces[unk][0] if unk is not None else None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": True,
+        "byte_fallback": True,
+        "ignore_merges": False,
+        "vocab": vocab,
+        "merges": [[left, right] for left, right in merges],
+    }
+
+
+def with_bos(bos_token: str, bos_id: int) -> dict:
+    """A post-processor that starts every sequence with BOS, as llama.cpp does for this vocabulary."""
+    bos = {"SpecialToken": {"id": bos_token, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}},
+    }
 
 
 def repair_tokenizer(gguf_file: Path, out_dir: Path) -> None:
@@ -55,8 +96,19 @@ def repair_tokenizer(gguf_file: Path, out_dir: Path) -> None:
         tok["decoder"] = {**BYTE_LEVEL, "add_prefix_space": True}
         tok["post_processor"] = {**BYTE_LEVEL, "add_prefix_space": True}
         tok["model"]["byte_fallback"] = False
-    tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1))
     id_to_token = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
+    spm = fields.get("tokenizer.ggml.model") == "llama"
+    if spm and tok["model"]["type"] == "Unigram":
+        tok["model"] = sentencepiece_bpe(tok["model"])
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        space_prefix = fields.get("tokenizer.ggml.add_space_prefix")
+        prepend = [{"type": "Prepend", "prepend": "\u2581"}] if space_prefix else []
+        tok["normalizer"] = {"type": "Sequence", "normalizers": [*prepend, replace]}
+        tok["pre_tokenizer"] = None
+    bos_id = fields.get("tokenizer.ggml.bos_token_id")
+    if spm and fields.get("tokenizer.ggml.add_bos_token") and bos_id in id_to_token:
+        tok["post_processor"] = with_bos(id_to_token[bos_id], bos_id)
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1))
     config = json.loads(cfg_path.read_text())
     for name in ("bos", "eos", "unk", "pad"):
         key = (
@@ -68,8 +120,9 @@ def repair_tokenizer(gguf_file: Path, out_dir: Path) -> None:
             config.pop(f"{name}_token_id", None)
     config["clean_up_tokenization_spaces"] = False
     config["add_bos_token"] = (
-        False if fields.get("tokenizer.ggml.model") == "gpt2" else config.get("add_bos_token")
-    )
+        bool(fields.get("tokenizer.ggml.add_bos_token")) if spm
+        else False if fields.get("tokenizer.ggml.model") == "gpt2" else config.get("add_bos_token")
+    )  # fmt: skip
     cfg_path.write_text(json.dumps(config, ensure_ascii=False, indent=1))
 
 
