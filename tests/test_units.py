@@ -662,3 +662,59 @@ def test_a_gguf_shipped_in_chunks_is_read_before_anything_runs():
     broken = dataclasses.replace(cfg, gguf_parts=["no-colon-here"])
     with pytest.raises(QsweepError, match="is not 'package:path/in/package'"):
         models.source_files(broken)
+
+
+def test_only_a_locked_sqlite_store_is_waited_out(monkeypatch):
+    """MLflow's wrapping of SQLite's lock error is retried until it passes; any other error, even
+    one that mentions a lock, is raised at once."""
+    import sqlite3
+
+    from qsweep import tracking
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            try:
+                raise sqlite3.OperationalError("database is locked")
+            except sqlite3.OperationalError as err:
+                raise RuntimeError("(sqlite3.OperationalError) see above") from err
+        return "done"
+
+    assert tracking.patiently(locked_twice, "log") == "done" and len(calls) == 3
+
+    def other():
+        calls.append(1)
+        raise RuntimeError("the run is locked for edits by a policy")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="policy"):
+        tracking.patiently(other, "log")
+    assert len(calls) == 1
+
+
+def test_server_watch_notices_a_silent_server_without_ever_blocking(tmp_path):
+    """A server that accepts connections but never replies (SIGSTOPped, hung): the watch reports
+    it once request_timeout_s has passed, and each question to the watch returns at once."""
+    import socket
+    from types import SimpleNamespace
+
+    from qsweep.measure import ServerWatch
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections queue up; nothing ever answers
+        served = SimpleNamespace(process=None, url=f"http://127.0.0.1:{hung.getsockname()[1]}",
+                                 log=tmp_path / "server.log")  # fmt: skip
+        with ServerWatch(served, timeout_s=1.0) as watch:
+            assert watch() is None
+            deadline, slowest, reason = time.monotonic() + 10, 0.0, None
+            while reason is None and time.monotonic() < deadline:
+                asked = time.monotonic()
+                reason = watch()
+                slowest = max(slowest, time.monotonic() - asked)
+                time.sleep(0.05)
+    assert reason and reason.startswith("the server stopped answering (no /health reply for")
+    assert slowest < 0.1, slowest

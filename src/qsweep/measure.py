@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,7 +78,7 @@ def serve_and_measure(
             up.reply, up.latency_s = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)
             log.info("  serving: %r -> %r", engine_cfg.smoke_prompt, up.reply.strip()[:80])
         on_served(up)
-        with procs.watching(ServerWatch(served, engine_cfg.request_timeout_s)):
+        with ServerWatch(served, engine_cfg.request_timeout_s) as watch, procs.watching(watch):
             for name, (benchmark, bench_cfg) in benchmarks.items():
                 with clock.stage(f"benchmark_{name}"):
                     result = benchmark.run(bench_cfg, served, ctx)
@@ -93,11 +94,31 @@ class ServerWatch:
     """Whether the server still runs and answers, asked by every tool's wait loop during the
     benchmarks: a server that exited, or that has not answered /health for the engine's
     `request_timeout_s` (stopped, hung), ends the benchmark at once with that reason, rather than
-    after the tool's own timeout (evalscope retries a dead server for as long as it is allowed)."""
+    after the tool's own timeout (evalscope retries a dead server for as long as it is allowed).
+    /health is asked from a thread of its own, so a server that hangs never holds up the wait
+    loops (Ctrl-C, a tool's own timeout) that ask this."""
 
     def __init__(self, served: ServedModel, timeout_s: float, every_s: float = 5.0):
-        self.served, self.timeout_s, self.every_s = served, timeout_s, every_s
-        self.last_answer = self.last_probe = time.monotonic()
+        # asked often enough that a short timeout is never mistaken for silence
+        self.served, self.timeout_s, self.every_s = served, timeout_s, min(every_s, timeout_s / 4)
+        self.last_answer = time.monotonic()
+        self._stop = threading.Event()
+        self._prober = threading.Thread(target=self._probe, name="server-watch", daemon=True)
+
+    def __enter__(self) -> ServerWatch:
+        self._prober.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()  # the thread ends after the probe in flight (not waited for: it may hang)
+
+    def _probe(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                with urllib.request.urlopen(f"{self.served.url}/health", timeout=min(5.0, self.timeout_s)):
+                    self.last_answer = time.monotonic()
+            except (OSError, urllib.error.URLError):
+                pass
 
     def __call__(self) -> str | None:
         process = self.served.process
@@ -106,20 +127,12 @@ class ServerWatch:
                 f"the server exited (code {process.returncode}) during the benchmarks: "
                 f"{procs.tail(self.served.log, 2)} (log: {self.served.log})"
             )
-        now = time.monotonic()
-        if now - self.last_probe < self.every_s:
-            return None
-        self.last_probe = now
-        try:
-            with urllib.request.urlopen(f"{self.served.url}/health", timeout=min(5.0, self.timeout_s)):
-                self.last_answer = time.monotonic()
-        except (OSError, urllib.error.URLError):
-            silent = time.monotonic() - self.last_answer
-            if silent >= self.timeout_s:
-                return (
-                    f"the server stopped answering (no /health reply for {silent:.0f} s, engine "
-                    f"request_timeout_s={self.timeout_s}): stopped or hung; log: {self.served.log}"
-                )
+        silent = time.monotonic() - self.last_answer
+        if silent >= self.timeout_s:
+            return (
+                f"the server stopped answering (no /health reply for {silent:.0f} s, engine "
+                f"request_timeout_s={self.timeout_s}): stopped or hung; log: {self.served.log}"
+            )
         return None
 
 

@@ -91,6 +91,21 @@ def check_store(cfg) -> None:
         client_for(cfg)
 
 
+# SQLite's words for a write lock held by another connection, as MLflow passes them on (also from
+# a tracking server on SQLite, in its error reply); nothing else is waited out.
+LOCKED_STORE = ("database is locked", "database table is locked")
+
+
+def store_locked(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is SQLite refusing a write because another writer holds it."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if any(words in str(seen).lower() for words in LOCKED_STORE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def patiently(call, what: str, patience_s: float = 600.0):
     """`call()`, retried while the MLflow store is locked by another writer (SQLite takes one
     writer at a time: a sweep beside another, `mlflow ui` migrating it), for up to `patience_s`."""
@@ -99,7 +114,7 @@ def patiently(call, what: str, patience_s: float = 600.0):
         try:
             return call()
         except Exception as err:
-            if "locked" not in str(err).lower() or time.monotonic() + delay > deadline:
+            if not store_locked(err) or time.monotonic() + delay > deadline:
                 raise
             log.warning("  the MLflow store is locked by another writer: %s again in %.0f s", what, delay)
             time.sleep(delay)
