@@ -75,6 +75,7 @@ CASES = [
     (["benchmark.ppl.max_tokens=-5"], "benchmark.ppl.max_tokens=-5 scores no chunk", "at least 512"),
     (["engine.port=70000"], "engine.port=70000 is not a port", "0 for a free one"),
     (["engine.startup_timeout_s=0"], "engine.startup_timeout_s=0 must be at least 1", "engine."),
+    (["engine=vllm", "engine.max_logprobs=0"], "engine.max_logprobs=0 must be at least 1", "engine."),
     (["benchmark.perf.input_tokens=9000"], "benchmark perf needs", "lower benchmark.perf's"),
     (
         ["method=gptq", "calibration.source=jsonl", "calibration.path=tests/data/empty-calibration.jsonl"],

@@ -104,6 +104,7 @@ def test_contract_check_catches_a_careless_engine():
     class CarelessConfig(EngineConfig):
         port: int = 8000  # redefined without neutral(): would split every result cache by port
         threads: int = neutral(4)
+        request_timeout_s: int = neutral(30)  # without minimum=1: 0 would pass the pre-flight
 
     class NotServed:
         pass
@@ -121,6 +122,7 @@ def test_contract_check_catches_a_careless_engine():
     assert any("no name" in p for p in found) and any("docstring" in p for p in found)
     assert any("formats" in p for p in found) and any("served_type" in p for p in found)
     assert any("Config.port redefines a result-neutral setting" in p for p in found)
+    assert any("Config.request_timeout_s redefines a setting without its `minimum=`" in p for p in found)
 
 
 def test_contract_check_catches_a_careless_benchmark():

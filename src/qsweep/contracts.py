@@ -14,7 +14,7 @@ from qsweep.engines.base import Engine, EngineConfig
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.methods.base import Method
-from qsweep.settings import NEUTRAL
+from qsweep.settings import MINIMUM, NEUTRAL
 
 FORMATS = ("gguf", "hf")  # artifact formats the built-in methods make and engines serve
 
@@ -70,10 +70,14 @@ def _engine(engine: Engine) -> list[str]:
         found.append("served_type must subclass ServedModel")
     if not issubclass(engine.Config, EngineConfig):
         return [*found, "Config must subclass EngineConfig (host, port, timeouts, smoke test, fit_to_load)"]
-    base_neutral = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata.get(NEUTRAL)}
+    base = {f.name: f for f in dataclasses.fields(EngineConfig)}
     for f in dataclasses.fields(engine.Config):
-        if f.name in base_neutral and not f.metadata.get(NEUTRAL):
+        if f.name not in base:
+            continue
+        if base[f.name].metadata.get(NEUTRAL) and not f.metadata.get(NEUTRAL):
             found.append(f"Config.{f.name} redefines a result-neutral setting without `neutral(...)`")
+        if base[f.name].metadata.get(MINIMUM) is not None and f.metadata.get(MINIMUM) is None:
+            found.append(f"Config.{f.name} redefines a setting without its `minimum=`")
     return found
 
 

@@ -11,16 +11,42 @@ from typing import Any
 
 NEUTRAL = "qsweep.neutral"
 SPEED_ONLY = "qsweep.speed_only"
+MINIMUM = "qsweep.minimum"  # the least value the pre-flight accepts (None always passes)
 
 
-def neutral(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field that changes no result: `port: int = neutral(0)`."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={NEUTRAL: True})
+def _field(mark: dict, default: Any, default_factory: Any, minimum: float | None) -> Any:
+    metadata = {**mark, **({MINIMUM: minimum} if minimum is not None else {})}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-def speed_only(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field that changes speed, not outputs: `parallel: int = speed_only(1)`."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={SPEED_ONLY: True})
+MISSING: Any = dataclasses.MISSING
+
+
+def neutral(default: Any = MISSING, *, default_factory: Any = MISSING, minimum: float | None = None) -> Any:
+    """A config field that changes no result: `port: int = neutral(0)`; `minimum`, the least
+    value the pre-flight accepts (`timeout_s: int = neutral(300, minimum=1)`)."""
+    return _field({NEUTRAL: True}, default, default_factory, minimum)
+
+
+def speed_only(
+    default: Any = MISSING, *, default_factory: Any = MISSING, minimum: float | None = None
+) -> Any:
+    """A config field that changes speed, not outputs: `parallel: int = speed_only(1, minimum=1)`."""
+    return _field({SPEED_ONLY: True}, default, default_factory, minimum)
+
+
+def at_least(minimum: float, default: Any = dataclasses.MISSING) -> Any:
+    """A config field that changes results and must be at least `minimum` where set."""
+    return _field({}, default, dataclasses.MISSING, minimum)
+
+
+def below_minimum(cfg: Any) -> tuple[str, Any, float] | None:
+    """The first field of `cfg` set below its `minimum` mark: (name, value, minimum), or None."""
+    for f in dataclasses.fields(cfg):
+        value, minimum = getattr(cfg, f.name), f.metadata.get(MINIMUM)
+        if minimum is not None and value is not None and not isinstance(value, bool) and value < minimum:
+            return f.name, value, minimum
+    return None
 
 
 def is_neutral(f: dataclasses.Field, timing: bool = False) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qsweep.context import Artifact, JobContext
@@ -19,7 +19,7 @@ from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.errors import QsweepError
 from qsweep.plugins import Registry
-from qsweep.settings import neutral
+from qsweep.settings import below_minimum, neutral
 
 
 @dataclass
@@ -30,26 +30,25 @@ class EngineConfig:
 
     host: str = neutral("127.0.0.1")
     port: int = neutral(0)  # 0: a free port
-    startup_timeout_s: int = neutral(300)
-    request_timeout_s: int = neutral(300)
+    startup_timeout_s: int = neutral(300, minimum=1)
+    request_timeout_s: int = neutral(300, minimum=1)
     smoke_prompt: str = neutral("The capital of France is")
-    smoke_max_tokens: int = neutral(16)
+    smoke_max_tokens: int = neutral(16, minimum=1)
     fit_to_load: bool = neutral(True)  # size the server for the benchmarks' declared load
     extra_args: list[str] = field(default_factory=list)  # passed to the server as they are
 
 
 def check_common(cfg: EngineConfig) -> None:
-    """The settings every engine has, checked at pre-flight: a port that is valid and free, positive
-    timeouts and counts. Every int field named like a count or a size must be at least 1."""
+    """The settings every engine has, checked at pre-flight: a port that is valid and free, and
+    every field marked with a `minimum` (qsweep.settings) at least that."""
     if not 0 <= cfg.port <= 65535:
         raise QsweepError(f"engine.port={cfg.port} is not a port: use 1-65535, or 0 for a free one")
     if cfg.port:
         http.server_port(cfg.host, cfg.port)  # refused at once if another process listens there
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        positive = f.name.endswith(("_s", "_tokens", "_size", "_len", "_seqs", "_gb", "parallel", "threads"))
-        if positive and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise QsweepError(f"engine.{f.name}={value} must be at least 1")
+    low = below_minimum(cfg)
+    if low:
+        name, value, minimum = low
+        raise QsweepError(f"engine.{name}={value} must be at least {minimum:g}")
 
 
 class Engine(ABC):

@@ -21,16 +21,16 @@ from qsweep.engines import http
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
-from qsweep.settings import speed_only
+from qsweep.settings import at_least, speed_only
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Config(EngineConfig):
-    ctx_size: int = speed_only(2048)  # total KV context, shared by the slots
-    parallel: int = speed_only(1)  # slots (-np): requests served at once
-    threads: int | None = None  # default: llama.cpp's choice (all cores)
+    ctx_size: int = speed_only(2048, minimum=1)  # total KV context, shared by the slots
+    parallel: int = speed_only(1, minimum=1)  # slots (-np): requests served at once
+    threads: int | None = at_least(1, None)  # default: llama.cpp's choice (all cores)
     n_gpu_layers: int | None = None  # -ngl; default: llama.cpp's choice
 
 

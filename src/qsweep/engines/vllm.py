@@ -39,15 +39,16 @@ def is_fp8(checkpoint: Path) -> bool:
 @dataclass
 class Config(EngineConfig):
     device: str = "auto"  # auto | cpu | cuda
-    max_model_len: int = speed_only(1024)  # a limit: results within it do not depend on it
-    max_num_seqs: int = speed_only(16)
-    kv_cache_gb: int = speed_only(1)  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
+    max_model_len: int = speed_only(1024, minimum=1)  # a limit: results within it do not depend on it
+    max_num_seqs: int = speed_only(16, minimum=1)
+    # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
+    kv_cache_gb: int = speed_only(1, minimum=1)
     gpu_memory_utilization: float = 0.9
     dtype: str = "auto"
     enforce_eager: bool = True  # CPU: skips a ~2 min torch.compile warm-up at every new shape
-    startup_timeout_s: int = neutral(600)
-    request_timeout_s: int = neutral(600)
-    max_logprobs: int = neutral(128)  # --max-logprobs: top-k log-probs a request may ask for
+    startup_timeout_s: int = neutral(600, minimum=1)
+    request_timeout_s: int = neutral(600, minimum=1)
+    max_logprobs: int = neutral(128, minimum=1)  # --max-logprobs: top-k log-probs a request may ask for
 
 
 class VllmServed(ServedModel):
