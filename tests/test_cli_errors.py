@@ -20,6 +20,12 @@ CASES = [
     (["method.foo=1"], "Key 'foo' not in", "method.foo"),
     (["model.path=/no/such/model"], "model.path '/no/such/model'", "fix the path"),
     (["benchmark.ppl.text.path=/no/such.txt"], "text file '/no/such.txt' does not exist", "fix the path"),
+    (["benchmark.ppl.text.path=tests/data/latin1.txt"], "is not UTF-8 text", "give a text file"),
+    (
+        ["benchmark.ppl.text.path=tests/data/short.txt"],
+        "has 68 bytes from offset 0, too few for 512 tokens",
+        "lower benchmark.ppl.n_ctx",
+    ),
     (["model=local"], "model.path", "set model.path"),
     (["method=awq", "method.backend=gptqmodel"], "runs GPTQ only", "method=gptq"),
     (

@@ -3,6 +3,7 @@ downloaded), or any local file. A slice of it is materialised in the cache by co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -48,6 +49,31 @@ def source_file(text: TextConfig) -> Path:
     if text.package and text.resource:
         return package_file(text.package, text.resource)
     raise QsweepError(f"text '{text.name}' has neither a path nor a package resource: set one")
+
+
+def check_holds(text: TextConfig, tokens: int, setting: str) -> None:
+    """Pre-flight: the text exists, is UTF-8, and its slice can hold `tokens` tokens (a token is
+    at least one byte, so fewer bytes cannot); one line naming `setting` otherwise."""
+    source = source_file(text)
+    stat = source.stat()
+    size = _slice_bytes(str(source), stat.st_size, stat.st_mtime_ns, text.offset_chars, text.max_chars)
+    if size is None:
+        raise QsweepError(f"text '{text.name}' ({source}) is not UTF-8 text: give a text file")
+    if size < tokens:
+        raise QsweepError(
+            f"text '{text.name}' has {size} bytes from offset {text.offset_chars}, too few for {tokens} "
+            f"tokens: give a longer text or lower {setting}"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _slice_bytes(path: str, size: int, mtime_ns: int, offset: int, max_chars: int | None) -> int | None:
+    try:
+        content = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    end = None if max_chars is None else offset + max_chars
+    return len(content[offset:end].encode("utf-8"))
 
 
 def _slice_key(text: TextConfig, source: Path) -> dict:

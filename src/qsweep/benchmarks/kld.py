@@ -25,7 +25,7 @@ from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import FullDistribution, Load, ServedModel, Tokenizes, TopKDistribution
 from qsweep.errors import QsweepError
 from qsweep.settings import neutral
-from qsweep.textdata import TextConfig, content_sha, materialize, source_file
+from qsweep.textdata import TextConfig, check_holds, content_sha, materialize
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class KlDivergence(Benchmark):
     def check(self, cfg: Config) -> None:
         if cfg.n_ctx < 4 or cfg.n_ctx % 2 or cfg.top_k < 1 or cfg.max_tokens < cfg.n_ctx:
             raise QsweepError("benchmark.kld needs an even n_ctx >= 4, max_tokens >= n_ctx and top_k >= 1")
-        source_file(cfg.text)
+        check_holds(cfg.text, cfg.n_ctx, "benchmark.kld.n_ctx")  # one chunk at least
 
     def load(self, cfg: Config) -> Load:
         return Load(scored_tokens=cfg.n_ctx, top_logprobs=cfg.top_k)

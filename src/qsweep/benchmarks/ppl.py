@@ -18,7 +18,7 @@ from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import Load, ScoresPrompt, Tokenizes
 from qsweep.errors import QsweepError
 from qsweep.settings import neutral
-from qsweep.textdata import TextConfig, content_sha, materialize, source_file
+from qsweep.textdata import TextConfig, check_holds, content_sha, materialize
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Perplexity(Benchmark):
                 f"benchmark.ppl.max_tokens={cfg.max_tokens} scores no chunk of n_ctx={cfg.n_ctx}: "
                 f"set it to at least {cfg.n_ctx}"
             )
-        source_file(cfg.text)
+        check_holds(cfg.text, cfg.n_ctx, "benchmark.ppl.n_ctx")  # one chunk at least
 
     def load(self, cfg: Config) -> Load:
         return Load(scored_tokens=cfg.n_ctx)
