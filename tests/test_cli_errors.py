@@ -22,6 +22,11 @@ CASES = [
     (["benchmark.ppl.text.path=/no/such.txt"], "text file '/no/such.txt' does not exist", "fix the path"),
     (["benchmark.ppl.text.path=tests/data/latin1.txt"], "is not UTF-8 text", "give a text file"),
     (
+        ["method=gguf-iq4_xs", "method.imatrix_text.path=tests/data/short.txt"],
+        "too few for 512 tokens",
+        "lower method.imatrix_ctx",
+    ),
+    (
         ["benchmark.ppl.text.path=tests/data/short.txt"],
         "has 68 bytes from offset 0, too few for 512 tokens",
         "lower benchmark.ppl.n_ctx",

@@ -20,7 +20,7 @@ from pathlib import Path
 from qsweep import textdata
 from qsweep.cache import ArtifactCache, file_sha256
 from qsweep.errors import QsweepError
-from qsweep.textdata import TextConfig, read_slice, source_file
+from qsweep.textdata import TextConfig, check_holds, read_slice, source_file
 
 
 class CalibrationSource(Enum):
@@ -58,10 +58,10 @@ def check(cal: CalibrationConfig) -> None:
         check_jsonl(Path(cal.path).expanduser())
     elif cal.source is CalibrationSource.chat:
         source_file(cal.chat)
-    else:
-        source_file(cal.text)
     if cal.num_samples < 1 or cal.seq_len < 16:
         raise QsweepError("calibration needs num_samples >= 1 and seq_len >= 16: fix calibration.*")
+    if cal.source is CalibrationSource.text:
+        check_holds(cal.text, cal.seq_len, "calibration.seq_len")  # one sample at least
 
 
 def check_jsonl(path: Path) -> None:

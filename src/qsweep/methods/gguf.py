@@ -18,7 +18,7 @@ from qsweep.cache import CacheEntry, content_key
 from qsweep.context import Artifact, JobContext
 from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import PreparedModel
-from qsweep.textdata import TextConfig, materialize, source_file
+from qsweep.textdata import TextConfig, check_holds, materialize
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class GgufMethod(Method):
 
     def check(self, cfg: Config) -> None:
         if cfg.imatrix:
-            source_file(cfg.imatrix_text)
+            check_holds(cfg.imatrix_text, cfg.imatrix_ctx, "method.imatrix_ctx")  # one chunk at least
 
     def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         base = content_key(f16_key(model_fingerprint, cfg.f16_outtype, ctx))
