@@ -718,3 +718,77 @@ def test_server_watch_notices_a_silent_server_without_ever_blocking(tmp_path):
                 time.sleep(0.05)
     assert reason and reason.startswith("the server stopped answering (no /health reply for")
     assert slowest < 0.1, slowest
+
+
+def _entry(cache, kind: str, name: str, size: int):
+    return cache.entry(kind, {"name": name}, lambda tmp: (tmp / "data.bin").write_bytes(b"x" * size) and None,
+                       what=f"{kind} {name}")  # fmt: skip
+
+
+def test_cache_listing_says_what_each_entry_is_its_size_and_last_use(tmp_path):
+    from qsweep.cache import ArtifactCache, admin, used_marker
+
+    cache = ArtifactCache(tmp_path)
+    old = _entry(cache, "gguf", "old", 3000)
+    _entry(cache, "models", "recent", 5000)
+    week_ago = time.time() - 7 * 86400
+    os.utime(used_marker(old.path), (week_ago, week_ago))
+    infos = {i.what: i for i in admin.entries(tmp_path)}
+    assert set(infos) == {"gguf old", "models recent"}
+    assert infos["gguf old"].size == 3000 and infos["models recent"].size == 5000
+    assert infos["gguf old"].last_used == pytest.approx(week_ago, abs=1)
+    assert cache.lookup("gguf", {"name": "old"}) is not None  # a use moves its last use to now
+    assert next(i for i in admin.entries(tmp_path) if i.what == "gguf old").last_used > week_ago + 1000
+
+
+def test_cache_verify_finds_a_changed_file_and_trim_removes_by_age_then_size(tmp_path):
+    from qsweep.cache import ArtifactCache, admin, used_marker
+
+    cache = ArtifactCache(tmp_path)
+    made = {name: _entry(cache, "gguf", name, size) for name, size in (("a", 4000), ("b", 3000), ("c", 2000))}
+    for days, name in ((40, "a"), (10, "b"), (1, "c")):
+        then = time.time() - days * 86400
+        os.utime(used_marker(made[name].path), (then, then))
+    with open(made["c"].path / "data.bin", "r+b") as f:
+        f.truncate(10)
+    assert [(i.what, why) for i, why in admin.verify(tmp_path)] == [
+        ("gguf c", "data.bin has 10 bytes, 2000 were written")
+    ]
+    infos = list(admin.entries(tmp_path))
+    assert [i.what for i in admin.to_trim(infos, older_than_s=30 * 86400, max_bytes=None)] == ["gguf a"]
+    # by size: least recently used first until the rest fit
+    assert [i.what for i in admin.to_trim(infos, older_than_s=None, max_bytes=2500)] == ["gguf a", "gguf b"]
+
+
+def test_cache_trim_leaves_an_entry_a_sweep_holds_and_removes_the_rest_whole(tmp_path):
+    import fcntl
+
+    from qsweep.cache import ArtifactCache, admin
+
+    cache = ArtifactCache(tmp_path)
+    busy, idle = _entry(cache, "gguf", "busy", 100), _entry(cache, "gguf", "idle", 100)
+    infos = {i.what: i for i in admin.entries(tmp_path)}
+    with open(busy.path.with_name(f"{busy.path.name}.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a sweep building or reading it
+        assert admin.remove(infos["gguf busy"]) is False
+    assert admin.remove(infos["gguf idle"]) is True
+    assert busy.path.is_dir() and not idle.path.exists()
+    assert not list(tmp_path.glob("gguf/.old-*")), "nothing half-deleted is left"
+    assert cache.lookup("gguf", {"name": "idle"}) is None
+
+
+def test_cache_command_lists_and_verifies_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from qsweep.cache import ArtifactCache
+
+    _entry(ArtifactCache(tmp_path / "artifacts"), "gguf", "q4", 1234)
+    paths = [f"paths.artifact_cache={tmp_path / 'artifacts'}", f"paths.model_cache={tmp_path / 'models'}"]
+    listed = subprocess.run([sys.executable, "-m", "qsweep.cache", "list", *paths], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "gguf q4 (" in listed.stdout and "1 entries, 0.0 MB" in listed.stdout
+    checked = subprocess.run([sys.executable, "-m", "qsweep.cache", "verify", *paths], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 0 and "1 entries checked, all intact" in checked.stdout

@@ -92,11 +92,13 @@ class ArtifactCache:
         self.rebuild_before = rebuild_before
 
     def lookup(self, kind: str, key_parts: dict) -> CacheEntry | None:
-        """The entry for `key_parts` if it is cached, without building anything."""
-        return self.lookup_key(kind, content_key(key_parts))
+        """The entry for `key_parts` if it is cached, without building anything (marked used)."""
+        entry = self.lookup_key(kind, content_key(key_parts))
+        return self._used(entry) if entry else None
 
     def lookup_key(self, kind: str, key: str) -> CacheEntry | None:
-        """The entry of content key `key` (`content_key` of its parts) if it is cached."""
+        """The entry of content key `key` (`content_key` of its parts) if it is cached (a look, not
+        a use: the dry run's)."""
         final = self.root / kind / key
         cached = self._read(final)
         if not self._current(cached):
@@ -136,11 +138,11 @@ class ArtifactCache:
         final = self.root / kind / key
         cached = self._read(final)
         if self._current(cached) and not replace and self._intact(final, cached):
-            return CacheEntry(final, cached, hit=True)
+            return self._used(CacheEntry(final, cached, hit=True))
         with _locked(self.root / kind / f"{key}.lock"):
             cached = self._read(final)  # another process may have built it while we waited
             if self._current(cached) and not replace and self._intact(final, cached):
-                return CacheEntry(final, cached, hit=True)
+                return self._used(CacheEntry(final, cached, hit=True))
             # Whoever built this key holds this lock: folders of earlier builds are a killed
             # process's leftovers (a half-written file among them).
             for stale in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".old-{key}-*")]:
@@ -153,6 +155,7 @@ class ArtifactCache:
                 extra = build(tmp) or {}
                 manifest = {
                     "kind": kind,
+                    "what": what,
                     "key": key,
                     "key_parts": key_parts,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -179,7 +182,14 @@ class ArtifactCache:
                 raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return CacheEntry(final, manifest, hit=False)
+        return self._used(CacheEntry(final, manifest, hit=False))
+
+    @staticmethod
+    def _used(entry: CacheEntry) -> CacheEntry:
+        """Mark the entry used now (`<key>.used`'s time: what `trim` reads as its last use)."""
+        with contextlib.suppress(OSError):
+            used_marker(entry.path).touch()
+        return entry
 
     @staticmethod
     def _read(final: Path) -> dict | None:
@@ -188,6 +198,10 @@ class ArtifactCache:
             return json.loads((final / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
+
+
+def used_marker(entry: Path) -> Path:
+    return entry.with_name(f"{entry.name}.used")
 
 
 def record_files(folder: Path) -> dict[str, dict]:
