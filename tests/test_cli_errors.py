@@ -22,6 +22,11 @@ CASES = [
     (["benchmark.ppl.text.path=/no/such.txt"], "text file '/no/such.txt' does not exist", "fix the path"),
     (["benchmark.ppl.text.path=tests/data/latin1.txt"], "is not UTF-8 text", "give a text file"),
     (
+        ["-m", "method=none,gguf-q4_k_m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        "hydra/launcher=joblib runs 2 jobs at once on this CPU-only machine, and benchmark perf times",
+        "parallel_timing=true",
+    ),
+    (
         ["method=gguf-iq4_xs", "method.imatrix_text.path=tests/data/short.txt"],
         "too few for 512 tokens",
         "lower method.imatrix_ctx",

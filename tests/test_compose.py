@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -108,3 +109,17 @@ def test_compatibility_matrix_on_cpu():
             if method.startswith("gguf") and engine == "vllm":
                 assert "no GGUF loader" in reason
             assert (plan.caveat is not None) == ((method, engine) == ("fp8", "vllm"))
+
+
+def test_parallel_jobs_that_time_things_are_refused_on_a_cpu_unless_insisted():
+    """joblib with 2 workers: refused with perf selected (it times things), accepted for
+    perplexity alone, or when parallel_timing=true insists; the default launcher runs one at a time."""
+    jobs = ["method=none,gguf-q4_k_m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    with pytest.raises(QsweepError, match="runs 2 jobs at once"):
+        cli.preflight(jobs, multirun=True)
+    assert len(cli.preflight([*jobs, "benchmark=[ppl]"], multirun=True)) == 2
+    assert len(cli.preflight([*jobs, "parallel_timing=true"], multirun=True)) == 2
+    assert len(cli.preflight(["method=none,gguf-q4_k_m"], multirun=True)) == 2
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        every_core = cli.launcher_slots(["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"])
+    assert every_core == ("hydra/launcher=joblib", os.cpu_count() or 1)

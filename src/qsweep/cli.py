@@ -92,11 +92,55 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
 
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3", job_name="qsweep"):
         try:
-            return [plan_overrides(job_overrides) for job_overrides in expand_jobs(overrides, multirun)]
+            plans = [plan_overrides(job_overrides) for job_overrides in expand_jobs(overrides, multirun)]
+            if multirun:
+                check_parallel_timing(plans, launcher_slots(overrides))
+            return plans
         except (OmegaConfBaseException, hydra.errors.HydraException) as err:
             raise QsweepError(_one_line(err)) from None
         except AssertionError:  # OmegaConf, setting a key under a benchmark that is not selected (None)
             raise QsweepError(_unselected(overrides)) from None
+
+
+def launcher_slots(overrides: list[str]) -> tuple[str, int]:
+    """The launcher's name and how many jobs it runs at once on this machine (1: one after
+    another, or each on a node of its own as under SLURM)."""
+    import os
+
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    hydra_cfg = compose("config", overrides=fixed, return_hydra_config=True).hydra
+    launcher = hydra_cfg.launcher
+    name = f"hydra/launcher={hydra_cfg.runtime.choices.get('hydra/launcher', 'basic')}"
+    cores = os.cpu_count() or 1
+    if "n_jobs" in launcher:  # joblib: -1 all cores, -2 all but one, ...
+        n_jobs = launcher.n_jobs if launcher.n_jobs is not None else 1
+        return name, n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    if str(launcher.get("_target_", "")).endswith(".LocalLauncher"):  # submitit's local processes
+        return name, int(launcher.get("array_parallelism") or 256)
+    return name, 1
+
+
+def check_parallel_timing(plans: list[JobPlan], slots: tuple[str, int]) -> None:
+    """On a CPU-only machine, jobs that time things must not run side by side: each would measure
+    the other (a 16-chunk perplexity took 240-300 s instead of ~10 beside a second llama.cpp, a
+    load test gave 2-3 tok/s instead of ~100), unless `parallel_timing=true` insists."""
+    name, at_once = slots
+    running = [p for p in plans if not p.skip_reason]
+    timed = [
+        (p.name, bench) for p in running if p.device == "cpu"
+        for bench, (benchmark, _) in p.benchmarks.items() if benchmark.measures_time
+    ]  # fmt: skip
+    if min(at_once, len(running)) > 1 and timed and not any(p.parallel_timing for p in plans):
+        raise QsweepError(
+            f"{name} runs {min(at_once, len(running))} jobs at once on this CPU-only machine, and "
+            f"benchmark {timed[0][1]} times things: side by side they measure each other; run them one "
+            "at a time (the default launcher, or hydra.launcher.n_jobs=1), or set parallel_timing=true "
+            "to insist"
+        )
 
 
 def _unselected(overrides: list[str]) -> str:

@@ -65,6 +65,9 @@ class QsweepConfig:
     fail_fast: bool = False
     # Print what each job would do (skip, reuse, build, run, and for how long), run nothing.
     dry_run: bool = False
+    # Let a parallel launcher (joblib, submitit_local) run jobs that time things side by side on a
+    # CPU-only machine, where they measure each other; off, such a sweep is refused at pre-flight.
+    parallel_timing: bool = False
     # Where engines run unless an engine says otherwise (vLLM's engine.device follows it): auto
     # picks a CUDA GPU where one is present.
     device: str = "auto"

@@ -43,6 +43,7 @@ SECTIONS = (
     "rerun",
     "dry_run",
     "fail_fast",
+    "parallel_timing",
 )
 RERUN_STAGES = ("all", "quantize")  # besides benchmark names
 
@@ -77,6 +78,7 @@ class JobPlan:
     tracking: Any = None  # the MLflow store (TrackingConfig)
     dry_run: bool = False
     fail_fast: bool = False
+    parallel_timing: bool = False  # jobs that time things may run side by side on a CPU
 
     def context(self, log_dir: Path, rebuild_before: float | None = None) -> JobContext:
         """A JobContext on this job's caches and stage environments."""
@@ -273,6 +275,7 @@ def plan_job(
         tracking=sections["tracking"],
         dry_run=sections["dry_run"],
         fail_fast=sections.get("fail_fast", False),
+        parallel_timing=sections.get("parallel_timing", False),
     )
     plan.notes = check_shape(plan, plan.shape)
     return plan
