@@ -123,3 +123,16 @@ def test_parallel_jobs_that_time_things_are_refused_on_a_cpu_unless_insisted():
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         every_core = cli.launcher_slots(["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"])
     assert every_core == ("hydra/launcher=joblib", os.cpu_count() or 1)
+
+
+def test_slurm_launcher_carries_qsweeps_resource_defaults_and_is_not_a_local_parallel_one():
+    """`hydra/launcher=slurm`: submitit's SLURM launcher with conf/hydra/launcher/slurm.yaml's
+    resources, each overridable; its jobs get allocations of their own, so timing is allowed."""
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.mem_gb=32"]
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
+        assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+        assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.timeout_min) == (1, 8, 240)
+        assert (launcher.partition, launcher.mem_gb) == ("gpu", 32)
+        assert cli.launcher_slots(overrides) == ("hydra/launcher=slurm", 1)
+        assert cli.launcher_slots(["hydra/launcher=submitit_local"])[1] == 256

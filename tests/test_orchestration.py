@@ -428,6 +428,29 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(ou
     assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
 
 
+@scenario
+def submitit_local(case: Case):
+    return case.sweep("-m", "hydra/launcher=submitit_local", "method=none,fake-broken,fake-q4", "engine=fake",
+                      "benchmark=[fakebench]")  # fmt: skip
+
+
+def test_submitit_local_runs_each_job_in_a_process_of_its_own_under_one_parent_run(outcomes):
+    """submitit's local launcher (SLURM's sibling): pre-flight once in the controller, every job in
+    a submitted process, one parent run, the summary, and exit code 1 for the failed job."""
+    case, done = outcome(outcomes, "submitit_local")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in done.stdout
+    assert done.stdout.count("3 job(s) composed and checked") == 1  # the pre-flight ran once
+    assert done.stderr.strip().splitlines()[-1] == "qsweep: 1 job(s) failed: fake-model/fake-broken/fake"
+    _, parents, jobs = case.runs()
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert {n: r.info.status for n, r in jobs.items()} == {"fake-model/none/fake": "FINISHED",
+        "fake-model/fake-broken/fake": "FAILED", "fake-model/fake-q4/fake": "FINISHED"}  # fmt: skip
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
+    pids = {r.data.tags["qsweep.pid"] for r in jobs.values()}
+    assert len(pids) == 3 and parents[0].data.tags["qsweep.pid"] not in pids  # not the controller
+
+
 # --- signals ----------------------------------------------------------------------------------
 
 
