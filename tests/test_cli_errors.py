@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import io
+import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from qsweep.envs import HOME_ENV_VAR
 
 CASES = [
@@ -136,23 +140,54 @@ CASES = [
 IDS = [" ".join(c[0]) for c in CASES]
 
 
+def run_main(args: list[str], tmp: Path) -> SimpleNamespace:
+    """`python -m qsweep ARGS` as the CLI's own main() in this process (a process each would cost
+    ~0.45 s of CPU per case; `test_bad_input_through_real_processes` keeps the real entry point
+    covered): exit code, stdout, stderr. A case that passes the pre-flight never starts a job."""
+    from qsweep import cli
+
+    paths = {"mlruns": tmp / "mlruns", "artifact_cache": tmp / "cache", "outputs": tmp / "outputs"}
+    given = {a.split("=", 1)[0] for a in args}
+    argv = ["qsweep", *args, *(f"paths.{k}={v}" for k, v in paths.items() if f"paths.{k}" not in given)]
+    out, err = io.StringIO(), io.StringIO()
+
+    def no_jobs():
+        raise AssertionError("passed the pre-flight: a job would have started")
+
+    code: int | str = 0
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        patch.setattr(sys, "argv", argv)
+        patch.setattr(cli, "hydra_main", no_jobs)
+        patch.setattr(cli.faulthandler, "register", lambda *a, **k: None)  # needs a real stderr
+        try:
+            cli.main()
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException:  # noqa: BLE001 - shown as the traceback a user would see
+            code = "traceback"
+            traceback.print_exc(file=err)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every case through the real CLI, two processes at a time (they time nothing), each with a
-    home, caches and MLflow store of its own: case id -> (process, its folder)."""
+    """Every case through the CLI's main(), each with a home, caches and MLflow store of its own:
+    case id -> (outcome, its folder)."""
     folders = {case: tmp_path_factory.mktemp("bad-input") for case in IDS}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
+        patch.chdir(REPO)  # cases name files relative to the repository
+        pairs = zip(IDS, CASES, strict=True)
+        return {case: (run_main(args, folders[case]), folders[case]) for case, (args, _, _) in pairs}
 
-        def run(case: str, args: list[str]):
-            # run_cli sets paths.mlruns itself: a case about it passes its own that way
-            mlruns = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("paths.mlruns=")), None)
-            rest = [a for a in args if not a.startswith("paths.mlruns=")]
-            return case, run_cli(*rest, tmp=folders[case], timeout_s=120, mlruns=mlruns)
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            done = dict(pool.map(lambda item: run(*item), zip(IDS, (c[0] for c in CASES), strict=True)))
-    return {case: (done[case], folders[case]) for case in IDS}
+@pytest.mark.parametrize("args", [["method=gptqq"], ["engine.port=70000"], ["tracking.uri=foo://bar"]])
+def test_bad_input_through_real_processes(args, tmp_path):
+    """The real entry point (`python -m qsweep`) gives the same one line and exit code 2."""
+    done = run_cli(*args, tmp=tmp_path, timeout_s=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("qsweep: ") and "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "mlruns").exists()
 
 
 @pytest.mark.parametrize("args,first,second", CASES, ids=IDS)

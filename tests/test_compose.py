@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -113,14 +114,17 @@ def test_compatibility_matrix_on_cpu():
 
 def test_parallel_jobs_that_time_things_are_refused_on_a_cpu_unless_insisted():
     """joblib with 2 workers: refused with perf selected (it times things), accepted for
-    perplexity alone, or when parallel_timing=true insists; the default launcher runs one at a time."""
+    perplexity alone, or when parallel_timing=true insists; one job at a time is always fine."""
     jobs = ["method=none,gguf-q4_k_m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     with pytest.raises(QsweepError, match="runs 2 jobs at once"):
         cli.preflight(jobs, multirun=True)
-    assert len(cli.preflight([*jobs, "benchmark=[ppl]"], multirun=True)) == 2
-    assert len(cli.preflight([*jobs, "parallel_timing=true"], multirun=True)) == 2
-    assert len(cli.preflight(["method=none,gguf-q4_k_m"], multirun=True)) == 2
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        timed = [cli.plan_overrides([f"method={m}"]) for m in ("none", "gguf-q4_k_m")]
+        untimed = [cli.plan_overrides([f"method={m}", "benchmark=[ppl]"]) for m in ("none", "gguf-q4_k_m")]
+        insisting = [dataclasses.replace(plan, parallel_timing=True) for plan in timed]
+        cli.check_parallel_timing(untimed, ("hydra/launcher=joblib", 2))
+        cli.check_parallel_timing(insisting, ("hydra/launcher=joblib", 2))
+        cli.check_parallel_timing(timed, ("hydra/launcher=basic", 1))
         every_core = cli.launcher_slots(["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"])
     assert every_core == ("hydra/launcher=joblib", os.cpu_count() or 1)
 

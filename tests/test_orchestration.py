@@ -1,7 +1,7 @@
 """Whole sweeps through the real CLI, Hydra and MLflow in seconds, with the fake plug-ins of
 fakeplugins.py loaded the way a third party's are: pre-flight, skips, failures, baseline reuse and
-deltas, gates, the summary, the exit code, signals, reuse of stored results, abandoned runs, and
-Hydra's joblib launcher.
+deltas, gates, the summary, the exit code, signals, reuse of stored results and abandoned runs
+(Hydra's parallel launchers are tests/test_launchers.py's).
 
 Each scenario runs its sweeps in a folder and MLflow store of its own; the scenarios run three at a
 time (they time nothing) before the tests check what they left."""
@@ -405,50 +405,6 @@ def test_a_single_job_whose_engine_cannot_start_fails_cleanly(outcomes):
     assert parents == []  # a single job: no sweep run
     error = jobs["fake-model/none/fake"].data.tags["qsweep.error"]
     assert "fake server exited with code 1 while starting" in error
-
-
-@scenario
-def joblib_launcher(case: Case):
-    launcher = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    return case.sweep(
-        "-m", *launcher, "method=none,fake-broken,fake-q4", "engine=fake", "benchmark=[ppl,fakebench]"
-    )
-
-
-def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(outcomes):
-    case, done = outcome(outcomes, "joblib_launcher")
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Joblib.Parallel" in done.stdout  # the launcher really ran the jobs
-    assert done.stderr.strip().splitlines()[-1] == "qsweep: 1 job(s) failed: fake-model/fake-broken/fake"
-    _, parents, jobs = case.runs()
-    assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    assert sorted(r.info.status for r in jobs.values()) == ["FAILED", "FINISHED", "FINISHED"]
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
-    q4 = jobs["fake-model/fake-q4/fake"].data.metrics
-    assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
-
-
-@scenario
-def submitit_local(case: Case):
-    return case.sweep("-m", "hydra/launcher=submitit_local", "method=none,fake-broken,fake-q4", "engine=fake",
-                      "benchmark=[fakebench]")  # fmt: skip
-
-
-def test_submitit_local_runs_each_job_in_a_process_of_its_own_under_one_parent_run(outcomes):
-    """submitit's local launcher (SLURM's sibling): pre-flight once in the controller, every job in
-    a submitted process, one parent run, the summary, and exit code 1 for the failed job."""
-    case, done = outcome(outcomes, "submitit_local")
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Submitit 'local' sweep output dir" in done.stdout
-    assert done.stdout.count("3 job(s) composed and checked") == 1  # the pre-flight ran once
-    assert done.stderr.strip().splitlines()[-1] == "qsweep: 1 job(s) failed: fake-model/fake-broken/fake"
-    _, parents, jobs = case.runs()
-    assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    assert {n: r.info.status for n, r in jobs.items()} == {"fake-model/none/fake": "FINISHED",
-        "fake-model/fake-broken/fake": "FAILED", "fake-model/fake-q4/fake": "FINISHED"}  # fmt: skip
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
-    pids = {r.data.tags["qsweep.pid"] for r in jobs.values()}
-    assert len(pids) == 3 and parents[0].data.tags["qsweep.pid"] not in pids  # not the controller
 
 
 # --- signals ----------------------------------------------------------------------------------

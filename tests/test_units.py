@@ -777,18 +777,13 @@ def test_cache_trim_leaves_an_entry_a_sweep_holds_and_removes_the_rest_whole(tmp
     assert cache.lookup("gguf", {"name": "idle"}) is None
 
 
-def test_cache_command_lists_and_verifies_through_the_cli(tmp_path):
-    import subprocess
-    import sys
-
+def test_cache_command_lists_and_verifies(tmp_path, capsys):
     from qsweep.cache import ArtifactCache
+    from qsweep.cache.__main__ import main
 
     _entry(ArtifactCache(tmp_path / "artifacts"), "gguf", "q4", 1234)
     paths = [f"paths.artifact_cache={tmp_path / 'artifacts'}", f"paths.model_cache={tmp_path / 'models'}"]
-    listed = subprocess.run([sys.executable, "-m", "qsweep.cache", "list", *paths], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
-    assert listed.returncode == 0, listed.stderr
-    assert "gguf q4 (" in listed.stdout and "1 entries, 0.0 MB" in listed.stdout
-    checked = subprocess.run([sys.executable, "-m", "qsweep.cache", "verify", *paths], capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
-    assert checked.returncode == 0 and "1 entries checked, all intact" in checked.stdout
+    assert main(["list", *paths]) == 0
+    listed = capsys.readouterr().out
+    assert "gguf q4 (" in listed and "1 entries, 0.0 MB" in listed
+    assert main(["verify", *paths]) == 0 and "1 entries checked, all intact" in capsys.readouterr().out

@@ -14,6 +14,7 @@ the entry-point group `qsweep.plugins`, or list them in the environment variable
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -96,6 +97,13 @@ def _import(module: str, source: str) -> None:
     _loaded.add(module)
 
 
+@functools.cache
+def _entry_points() -> tuple[tuple[str, str], ...]:
+    """Installed distributions' qsweep plug-ins (name, module), read once per process: scanning
+    every distribution's metadata costs milliseconds, and every registry lookup loads."""
+    return tuple((e.name, e.value) for e in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 def load() -> None:
     """Import every plug-in module once: built-ins, entry points, then $QSWEEP_PLUGINS."""
     for package in BUILTIN_PACKAGES:
@@ -104,8 +112,8 @@ def load() -> None:
             for info in pkgutil.iter_modules(path):
                 _import(f"{package}.{info.name}", "built-in")
             _loaded.add(package)
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        _import(entry.value, f"entry point {entry.name}")
+    for name, module in _entry_points():
+        _import(module, f"entry point {name}")
     for module in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV_VAR, "").split(","))):
         _import(module, MODULES_ENV_VAR)
 
