@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,15 @@ def content_key(parts: dict) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, remembered per process by path, size and modification time:
+    every cache key of a sweep hashes the same packaged GGUF and texts (SmolLM2's is 93 MB,
+    Gemma's chunks 240 MB)."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +110,7 @@ class ArtifactCache:
         """The entry of content key `key` (`content_key` of its parts) if it is cached (a look, not
         a use: the dry run's)."""
         final = self.root / kind / key
-        cached = self._read(final)
+        cached = read_manifest(final)
         if not self._current(cached):
             return None
         return CacheEntry(final, cached, hit=True) if self._intact(final, cached) else None
@@ -136,11 +146,11 @@ class ArtifactCache:
         """
         key = content_key(key_parts)
         final = self.root / kind / key
-        cached = self._read(final)
+        cached = read_manifest(final)
         if self._current(cached) and not replace and self._intact(final, cached):
             return self._used(CacheEntry(final, cached, hit=True))
-        with _locked(self.root / kind / f"{key}.lock"):
-            cached = self._read(final)  # another process may have built it while we waited
+        with _locked(lock_file(final)):
+            cached = read_manifest(final)  # another process may have built it while we waited
             if self._current(cached) and not replace and self._intact(final, cached):
                 return self._used(CacheEntry(final, cached, hit=True))
             # Whoever built this key holds this lock: folders of earlier builds are a killed
@@ -191,17 +201,23 @@ class ArtifactCache:
             used_marker(entry.path).touch()
         return entry
 
-    @staticmethod
-    def _read(final: Path) -> dict | None:
-        """The manifest, or None where there is none (or it is unreadable: the entry is rebuilt)."""
-        try:
-            return json.loads((final / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-
 
 def used_marker(entry: Path) -> Path:
+    """`<key>.used` beside an entry: its time is the entry's last use."""
     return entry.with_name(f"{entry.name}.used")
+
+
+def lock_file(entry: Path) -> Path:
+    """`<key>.lock` beside an entry: held while it is built, and while it is removed."""
+    return entry.with_name(f"{entry.name}.lock")
+
+
+def read_manifest(entry: Path) -> dict | None:
+    """An entry's manifest, or None where there is none (or it is unreadable: the entry is rebuilt)."""
+    try:
+        return json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def record_files(folder: Path) -> dict[str, dict]:

@@ -15,15 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from qsweep import config
 from qsweep.cache import admin
 from qsweep.errors import QsweepError
 
 
 def caches(overrides: list[str]) -> list[Path]:
     """The artifact and model cache folders of qsweep's config with these overrides."""
-    from qsweep.report.__main__ import compose
-
-    cfg = compose(overrides)
+    cfg = config.compose(overrides, job_name="cache")
     return [Path(cfg.paths.artifact_cache).expanduser(), Path(cfg.paths.model_cache).expanduser()]
 
 

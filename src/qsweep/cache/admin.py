@@ -10,10 +10,10 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsweep.cache import MANIFEST, ArtifactCache, damaged, used_marker
+from qsweep.cache import MANIFEST, damaged, lock_file, read_manifest, used_marker
 
 
 @dataclass
@@ -26,6 +26,7 @@ class EntryInfo:
     size: int  # bytes of its files
     built_at: float  # epoch seconds
     last_used: float  # epoch seconds: its `.used` marker (touched on every build and use), else built_at
+    files: dict = field(default_factory=dict)  # the manifest's record of its files (size, time, SHA-256)
 
     @property
     def key(self) -> str:
@@ -38,7 +39,7 @@ def entries(root: Path) -> Iterator[EntryInfo]:
         folder = manifest_file.parent
         if folder.name.startswith("."):
             continue  # a build or removal in progress
-        manifest = ArtifactCache._read(folder) or {}
+        manifest = read_manifest(folder) or {}
         files = manifest.get("files") or {}
         size = sum(f["size"] for f in files.values()) if files else _du(folder)
         built = float(manifest.get("built_at_epoch") or manifest_file.stat().st_mtime)
@@ -47,7 +48,7 @@ def entries(root: Path) -> Iterator[EntryInfo]:
         except OSError:
             used = built
         what = manifest.get("what") or _describe(manifest)
-        yield EntryInfo(folder, folder.parent.name, what, size, built, used)
+        yield EntryInfo(folder, folder.parent.name, what, size, built, used, files)
 
 
 def _du(folder: Path) -> int:
@@ -63,13 +64,8 @@ def _describe(manifest: dict) -> str:
 
 def verify(root: Path) -> list[tuple[EntryInfo, str]]:
     """The entries whose files differ from their manifest (hashing any whose times changed)."""
-    found = []
-    for info in entries(root):
-        manifest = ArtifactCache._read(info.path) or {}
-        damage = damaged(info.path, manifest.get("files"))
-        if damage:
-            found.append((info, damage))
-    return found
+    found = [(info, damaged(info.path, info.files)) for info in entries(root)]
+    return [(info, damage) for info, damage in found if damage]
 
 
 def to_trim(
@@ -94,8 +90,7 @@ def to_trim(
 def remove(info: EntryInfo) -> bool:
     """Remove an entry unless a sweep holds its lock now (then False). The folder is first renamed
     out of sight, so no reader ever sees it half-deleted."""
-    lock_path = info.path.with_name(f"{info.key}.lock")
-    with open(lock_path, "w") as handle:
+    with open(lock_file(info.path), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
