@@ -125,7 +125,9 @@ def test_parallel_jobs_that_time_things_are_refused_on_a_cpu_unless_insisted():
         cli.check_parallel_timing(untimed, ("hydra/launcher=joblib", 2))
         cli.check_parallel_timing(insisting, ("hydra/launcher=joblib", 2))
         cli.check_parallel_timing(timed, ("hydra/launcher=basic", 1))
-        every_core = cli.launcher_slots(["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"])
+        every_core = cli.launcher_slots(
+            cli.sweep_hydra(["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"])
+        )
     assert every_core == ("hydra/launcher=joblib", os.cpu_count() or 1)
 
 
@@ -138,5 +140,5 @@ def test_slurm_launcher_carries_qsweeps_resource_defaults_and_is_not_a_local_par
         assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
         assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.timeout_min) == (1, 8, 240)
         assert (launcher.partition, launcher.mem_gb) == ("gpu", 32)
-        assert cli.launcher_slots(overrides) == ("hydra/launcher=slurm", 1)
-        assert cli.launcher_slots(["hydra/launcher=submitit_local"])[1] == 256
+        assert cli.launcher_slots(cli.sweep_hydra(overrides)) == ("hydra/launcher=slurm", 1)
+        assert cli.launcher_slots(cli.sweep_hydra(["hydra/launcher=submitit_local"]))[1] == 256

@@ -56,17 +56,27 @@ def _one_line(err: BaseException) -> str:
     return f"{text} (at {full_key})" if full_key and str(full_key) not in text else text
 
 
-def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job the sweep will run (the BasicSweeper's cartesian product)."""
+def sweep_hydra(overrides: list[str]) -> DictConfig:
+    """Hydra's own settings for a sweep (sweeper, launcher): the config composed with the
+    overrides that are the same for every job."""
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    return compose("config", overrides=fixed, return_hydra_config=True).hydra
+
+
+def expand_jobs(overrides: list[str], multirun: bool, hydra_cfg: DictConfig | None = None) -> list[list[str]]:
+    """The override list of every job the sweep will run (the BasicSweeper's cartesian product);
+    `hydra_cfg` is `sweep_hydra(overrides)` where the caller has it already."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     if not multirun:
         return [overrides]
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    params = (hydra_cfg if hydra_cfg is not None else sweep_hydra(overrides)).sweeper.params or {}
     given = {o.get_key_element().lstrip("+~") for o in parsed}
     extra = [f"{k}={v}" for k, v in params.items() if k not in given]
     choices = []
@@ -92,9 +102,11 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
 
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3", job_name="qsweep"):
         try:
-            plans = [plan_overrides(job_overrides) for job_overrides in expand_jobs(overrides, multirun)]
-            if multirun:
-                check_parallel_timing(plans, launcher_slots(overrides))
+            hydra_cfg = sweep_hydra(overrides) if multirun else None
+            jobs = expand_jobs(overrides, multirun, hydra_cfg)
+            plans = [plan_overrides(job_overrides) for job_overrides in jobs]
+            if hydra_cfg is not None:
+                check_parallel_timing(plans, launcher_slots(hydra_cfg))
             return plans
         except (OmegaConfBaseException, hydra.errors.HydraException) as err:
             raise QsweepError(_one_line(err)) from None
@@ -102,17 +114,11 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
             raise QsweepError(_unselected(overrides)) from None
 
 
-def launcher_slots(overrides: list[str]) -> tuple[str, int]:
-    """The launcher's name and how many jobs it runs at once on this machine (1: one after
-    another, or each on a node of its own as under SLURM)."""
+def launcher_slots(hydra_cfg: DictConfig) -> tuple[str, int]:
+    """The sweep's launcher (from `sweep_hydra`) and how many jobs it runs at once on this machine
+    (1: one after another, or each on a node of its own as under SLURM)."""
     import os
 
-    from hydra import compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    hydra_cfg = compose("config", overrides=fixed, return_hydra_config=True).hydra
     launcher = hydra_cfg.launcher
     name = f"hydra/launcher={hydra_cfg.runtime.choices.get('hydra/launcher', 'basic')}"
     cores = os.cpu_count() or 1
@@ -131,13 +137,13 @@ def check_parallel_timing(plans: list[JobPlan], slots: tuple[str, int]) -> None:
     name, at_once = slots
     running = [p for p in plans if not p.skip_reason]
     timed = [
-        (p.name, bench) for p in running if p.device == "cpu"
+        bench for p in running if p.device == "cpu"
         for bench, (benchmark, _) in p.benchmarks.items() if benchmark.measures_time
     ]  # fmt: skip
     if min(at_once, len(running)) > 1 and timed and not any(p.parallel_timing for p in plans):
         raise QsweepError(
             f"{name} runs {min(at_once, len(running))} jobs at once on this CPU-only machine, and "
-            f"benchmark {timed[0][1]} times things: side by side they measure each other; run them one "
+            f"benchmark {timed[0]} times things: side by side they measure each other; run them one "
             "at a time (the default launcher, or hydra.launcher.n_jobs=1), or set parallel_timing=true "
             "to insist"
         )

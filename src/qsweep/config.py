@@ -101,3 +101,14 @@ def schema_option(name: str) -> str:
 
 def is_schema(option: str) -> bool:
     return option.endswith("_schema")
+
+
+def compose(overrides: list[str], job_name: str = "qsweep"):
+    """qsweep's config with these overrides, outside a sweep: for the commands that read a sweep's
+    settings (paths, tracking, the report's constraints) without running one."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=job_name):
+        return hydra_compose("config", overrides=overrides)

@@ -21,6 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from qsweep import envs, procs
 from qsweep.cache import content_key, file_sha256
@@ -143,10 +144,9 @@ def checkpoint_shape(path: Path) -> ModelShape:
     config = config.get("text_config", config)
     keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
     context = next((config[k] for k in keys if isinstance(config.get(k), int)), None)
-    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
-    widths = (hidden, heads * head_dim if heads and head_dim else None, config.get("intermediate_size"))
-    return ModelShape(context, tuple(w for w in widths if isinstance(w, int)), f"{path.name}/config.json")
+    widths = _linear_widths(config.get("hidden_size"), config.get("num_attention_heads"),
+                            config.get("head_dim"), config.get("intermediate_size"))  # fmt: skip
+    return ModelShape(context, widths, f"{path.name}/config.json")
 
 
 def gguf_shape(path: Path) -> ModelShape:
@@ -159,13 +159,19 @@ def gguf_shape(path: Path) -> ModelShape:
         return ModelShape()
     arch = meta.get("general.architecture")
     get = lambda key: meta.get(f"{arch}.{key}")  # noqa: E731
-    hidden, heads = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length") or (hidden // heads if hidden and heads else None)
-    widths = (hidden, heads * head_dim if heads and head_dim else None, get("feed_forward_length"))
+    widths = _linear_widths(get("embedding_length"), get("attention.head_count"),
+                            get("attention.key_length"), get("feed_forward_length"))  # fmt: skip
     context = get("context_length")
-    return ModelShape(
-        int(context) if context else None, tuple(int(w) for w in widths if w), f"{path.name}'s header"
-    )
+    return ModelShape(int(context) if context else None, widths, f"{path.name}'s header")
+
+
+def _linear_widths(hidden: Any, heads: Any, head_dim: Any, mlp: Any) -> tuple[int, ...]:
+    """The input widths of a transformer's linear layers that are known: hidden (q/k/v, MLP up),
+    attention output (heads x head dim, which is not always hidden), MLP down."""
+    if not head_dim and hidden and heads:
+        head_dim = hidden // heads
+    widths = (hidden, heads * head_dim if heads and head_dim else None, mlp)
+    return tuple(w for w in widths if isinstance(w, int) and not isinstance(w, bool) and w)
 
 
 def shape(cfg: ModelConfig) -> ModelShape:

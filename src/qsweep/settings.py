@@ -35,9 +35,9 @@ def speed_only(
     return _field({SPEED_ONLY: True}, default, default_factory, minimum)
 
 
-def at_least(minimum: float, default: Any = dataclasses.MISSING) -> Any:
+def at_least(minimum: float, default: Any = MISSING) -> Any:
     """A config field that changes results and must be at least `minimum` where set."""
-    return _field({}, default, dataclasses.MISSING, minimum)
+    return _field({}, default, MISSING, minimum)
 
 
 def below_minimum(cfg: Any) -> tuple[str, Any, float] | None:

@@ -15,9 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from qsweep import tracking
+from qsweep import config, tracking
 from qsweep.errors import QsweepError
-from qsweep.report.__main__ import compose
 
 
 def address(base: str, experiment_id: str) -> str:
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
-    cfg = compose(args.overrides)
+    cfg = config.compose(args.overrides, job_name="ui")
     _, experiment_id = tracking.client_for(cfg)
     uri = tracking.tracking_uri(cfg)
     if uri.startswith("http"):  # a tracking server serves its own UI

@@ -29,16 +29,6 @@ from qsweep.sweep import PARENT_ID_FILE
 log = logging.getLogger("qsweep.report")
 
 
-def compose(overrides: list[str]):
-    """qsweep's config with these overrides (tracking, paths and the `report` constraints)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    config.register()
-    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3", job_name="report"):
-        return hydra_compose("config", overrides=overrides)
-
-
 def parent_id(sweep: str) -> str:
     """A sweep given as its folder (holding its parent run id) or as the run id itself."""
     folder = Path(sweep)
@@ -57,7 +47,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, help="where to write (default: see above)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. report.min_recovery=0.98")
     args = parser.parse_args(argv)
-    cfg = compose(args.overrides)
+    cfg = config.compose(args.overrides, job_name="report")
     report_cfg: ReportConfig = OmegaConf.to_object(cfg.report)  # the schema types the section
     client, experiment_id = tracking.client_for(cfg)
     started = time.monotonic()
