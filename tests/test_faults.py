@@ -35,13 +35,6 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fault-cache")
 
 
-def start(tmp: Path, cache: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qsweep", *args, f"paths.mlruns={tmp / 'mlruns'}",
-           f"paths.artifact_cache={cache}", f"paths.outputs={tmp / 'outputs'}"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-
-
 def read_until(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     for line in proc.stdout:
@@ -78,8 +71,8 @@ def test_a_server_that_dies_or_stops_answering_mid_load_test_fails_the_job_and_t
     """The first job's llama-server is SIGKILLed (or SIGSTOPped) during its load test; the job fails
     with that reason within the engine's request timeout (30 s here), not evalscope's hour; the
     second job runs."""
-    proc = start(tmp_path, cache, "-m", *SHORT_PERF, "benchmark.perf.requests_per_level=60,1",
-                 "engine.request_timeout_s=30")  # fmt: skip
+    proc = start_own_group(tmp_path, "-m", *SHORT_PERF, "benchmark.perf.requests_per_level=60,1",
+                           "engine.request_timeout_s=30", cache=cache)  # fmt: skip
     seen: list[str] = []
     read_until(proc, "stage benchmark_perf ...", seen)
     time.sleep(3)  # evalscope is sending requests
@@ -146,7 +139,8 @@ def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, llamacpp_en
 
 
 def test_the_quantizer_killed_fails_the_job_and_leaves_no_half_written_entry(tmp_path, cache, llamacpp_env):
-    proc = start(tmp_path, cache, "method=gguf-iq4_xs", "benchmark=[ppl]", "benchmark.ppl.max_tokens=1024")
+    proc = start_own_group(tmp_path, "method=gguf-iq4_xs", "benchmark=[ppl]", "benchmark.ppl.max_tokens=1024",
+                           cache=cache)  # fmt: skip
     seen: list[str] = []
     deadline = time.monotonic() + 600
     while not (quantizers := pids_of("llama-imatrix", str(cache)) + pids_of("llama-quantize", str(cache))):
@@ -207,6 +201,8 @@ def interrupt(proc: subprocess.Popen) -> None:
 
 
 def start_own_group(tmp: Path, *args: str, cache: Path | None = None) -> subprocess.Popen:
+    """A sweep in the background in a process group of its own (as a shell's foreground job), its
+    output merged; caches under `tmp` unless `cache` names a shared one."""
     cmd = [sys.executable, "-m", "qsweep", *args, f"paths.mlruns={tmp / 'mlruns'}",
            f"paths.artifact_cache={cache or tmp / 'cache'}", f"paths.outputs={tmp / 'outputs'}"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
