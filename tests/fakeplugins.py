@@ -103,6 +103,7 @@ class FakeServeConfig(EngineConfig):
     slots: int = speed_only(1)  # sized from the benchmarks' load, like llama-server's -np
     crash_on_start: bool = False
     degenerate_below_bits: float = 0.0  # replies '1 1 1 ...' for artifacts of fewer bits per weight
+    gpus: int = 0  # GPUs a job holds (as a tensor-parallel server would), from a device list a test gives
 
 
 @dataclass
@@ -142,6 +143,7 @@ def _http_server(cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> I
     # As careless a tool as there is: it prints its arguments and a token from its environment.
     ctx.log("server.log").write_text(
         f"fake-server {' '.join(cfg.extra_args)} HF_TOKEN={os.environ.get('HF_TOKEN')}\n"
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}\n"
     )
     if cfg.crash_on_start:
         raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
@@ -183,6 +185,9 @@ class FakeScoringServed(FakeApiServed):
 class _FakeEngine(Engine):
     Config = FakeServeConfig
     env = None
+
+    def gpus(self, cfg: FakeServeConfig) -> int:
+        return cfg.gpus
 
     def fit(self, cfg: FakeServeConfig, load: Load) -> FakeServeConfig:
         if not cfg.fit_to_load:

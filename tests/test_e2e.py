@@ -58,6 +58,9 @@ def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, lla
         assert p["choice.method"] == p["method.name"] and p["choice.engine"] == "llamacpp"
         assert p["benchmark.ppl.max_tokens"] == "2048" and p["gguf.tensor_types"]
         assert re.fullmatch(r"\S+-[0-9a-f]{7,}", t["llama_cpp.build"]) and t["qsweep.version"] and t["cpu"]
+        # the kernel path (llama.cpp's own system info) and the devices the job held (none here)
+        assert "AVX2 = 1" in t["engine.kernels"] and t["llama_cpp.cpu_target"] == "native"
+        assert (p["job.gpus"], p["job.gpu_count"]) == ("none", "0")
         # environment fingerprint: machine, GPU (or "none"), versions of every stage environment used
         assert int(t["cpu_cores"]) >= 1 and float(t["ram_gb"]) > 0 and t["gpu"] and t["gpu_driver"]
         for env_name, package in (("llamacpp", "transformers"), ("evalscope", "evalscope")):
@@ -133,6 +136,26 @@ def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, lla
     assert page["rows"] == 3 and page["plots"] == 3, page
     for name, (width, spread) in page["images"].items():
         assert width > 300 and spread > 10, (name, width, spread)  # drawn, not blank
+
+    # The default sweep's methods under submitit's local launcher (issue 13): each job a process of
+    # its own, all three at once (perplexity only: it times nothing, and its tools' threads sleep
+    # rather than spin while they wait), on the GGUFs built above; a new budget, so measured anew.
+    local = run_cli("-m", "hydra/launcher=submitit_local", PPL_ONLY, "benchmark.ppl.max_tokens=512",
+                    tmp=tmp_path)  # fmt: skip
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    assert (
+        "Submitit 'local' sweep output dir" in local.stdout
+        and "3 job(s) composed and checked" in local.stdout
+    )
+    client, every = runs(tmp_path)
+    parent = [r for r in every if r.data.tags.get("qsweep.kind") == "sweep"][-1]
+    jobs = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(jobs) == 3
+    assert len({r.data.tags["qsweep.pid"] for r in jobs} | {parent.data.tags["qsweep.pid"]}) == 4
+    local_ppl = {r.data.params["method.name"]: r.data.metrics for r in jobs}
+    assert all(r.info.status == "FINISHED" and r.data.tags["artifact.cache_hit"] == "true" for r in jobs)
+    assert local_ppl["gguf-q4_k_m"]["ppl_ratio"] > 1 and local_ppl["gguf-iq4_xs"]["ppl_ratio"] > 1
+    assert local_ppl["none"]["ppl"] != pytest.approx(base, rel=1e-4)  # 512 tokens: measured, not reused
 
 
 def render_in_browser(html: Path, screenshot: Path) -> dict:

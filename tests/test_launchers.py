@@ -6,6 +6,9 @@ CPU a sweep), which the fast suite's minute cannot hold."""
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import pytest
 
 from test_orchestration import Case, migrated_store
@@ -19,7 +22,9 @@ def case_factory(tmp_path_factory):
     return lambda: Case(tmp_path_factory.mktemp("launcher"), template)
 
 
-def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(case_factory):
+def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(case_factory, tmp_path):
+    """Also GPU slots across worker processes, on a device list the test gives: each job holds one
+    of two 'GPUs' and sees only it, and jobs that overlap in time hold different ones."""
     case = case_factory()
     done = case.sweep(
         "-m",
@@ -28,6 +33,10 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(ca
         "method=none,fake-broken,fake-q4",
         "engine=fake",
         "benchmark=[ppl,fakebench]",
+        "gpus.ids=[fake-gpu-0,fake-gpu-1]",
+        "engine.gpus=1",
+        "benchmark.fakebench.sleep_s=2",  # the two workers' jobs overlap
+        f"gpus.lock_dir={tmp_path / 'gpu-locks'}",
     )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Joblib.Parallel" in done.stdout  # the launcher really ran the jobs
@@ -38,6 +47,19 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(ca
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs.values())
     q4 = jobs["fake-model/fake-q4/fake"].data.metrics
     assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
+    client = case.runs()[0]
+    spans = {}
+    for name, run in jobs.items():
+        gpu = run.data.params["job.gpus"]
+        assert gpu in ("fake-gpu-0", "fake-gpu-1") and run.data.params["job.gpu_count"] == "1"
+        spans[name] = (run.info.start_time, run.info.end_time, gpu)
+        if run.info.status == "FINISHED":  # what the server saw: its own device only
+            log = Path(client.download_artifacts(run.info.run_id, "logs/server.log", str(tmp_path)))
+            assert f"CUDA_VISIBLE_DEVICES={gpu}\n" in log.read_text()
+    overlapping = [
+        (a, b) for a, b in itertools.combinations(spans.values(), 2) if a[0] < b[1] and b[0] < a[1]
+    ]
+    assert overlapping and all(a[2] != b[2] for a, b in overlapping)
 
 
 def test_submitit_local_runs_each_job_in_a_process_of_its_own_under_one_parent_run(case_factory):

@@ -160,3 +160,28 @@ def test_two_sweeps_side_by_side_flag_noise():
 def test_frontier_keeps_the_non_dominated_points():
     points = [(1.0, 1.0), (2.0, 0.9), (1.5, 0.8), (3.0, 0.5), (0.5, 0.95)]
     assert figures.frontier(points) == [(1.0, 1.0), (2.0, 0.9), (3.0, 0.5)]
+
+
+def test_runs_on_different_gpu_counts_or_kernel_paths_are_flagged_as_not_like_for_like():
+    """Params `job.gpu_count` and tag `engine.kernels` (llama.cpp's system info) read back from runs;
+    a section mixing counts, or one engine's kernel paths, says so; one that does not, says nothing."""
+    avx2 = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 |"
+    avx512 = avx2.replace("REPACK = 1 |", "AVX512 = 1 | AVX512_VNNI = 1 |")
+
+    def row(name: str, gpus: str, kernels: str) -> JobRow:
+        run = SimpleNamespace(
+            info=SimpleNamespace(run_name=name, status="FINISHED", run_id=name),
+            data=SimpleNamespace(metrics={}, params={"job.gpu_count": gpus},
+                                 tags={"choice.engine": "llamacpp", "engine.kernels": kernels}),
+        )  # fmt: skip
+        return row_from_run(run, {}, {})
+
+    same = [row("a", "1", avx2), row("b", "1", avx2)]
+    assert (same[0].gpu_count, same[0].kernels) == (1, avx2) and decide.like_for_like(same) == []
+    mixed = [row("a", "1", avx2), row("b", "2", avx512), row("c", "1", avx512)]
+    gpus, kernels = decide.like_for_like(mixed)
+    assert "1 GPU(s): `a`, `c`; 2 GPU(s): `b`" in gpus
+    assert "llamacpp ran on different kernel paths (REPACK: `a`; AVX512 AVX512_VNNI: `b`, `c`)" in kernels
+    section = render.Section("m", mixed, [], {}, [], decide.like_for_like(mixed))
+    assert "### Not like for like" in render.markdown("t", [section], "", None)
+    assert "<h3>Not like for like</h3>" in render.html_page("t", [section], "", None)

@@ -20,7 +20,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qsweep import config, dryrun, job, logs, tracking
+from qsweep import config, devices, dryrun, job, logs, tracking
 from qsweep.errors import QsweepError
 from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job
 from qsweep.sweep import SweepFailed
@@ -105,8 +105,14 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
             hydra_cfg = sweep_hydra(overrides) if multirun else None
             jobs = expand_jobs(overrides, multirun, hydra_cfg)
             plans = [plan_overrides(job_overrides) for job_overrides in jobs]
+            slots = launcher_slots(hydra_cfg) if hydra_cfg is not None else ("hydra/launcher=basic", 1)
             if hydra_cfg is not None:
-                check_parallel_timing(plans, launcher_slots(hydra_cfg))
+                check_parallel_timing(plans, slots)
+            if runs_elsewhere(hydra_cfg):
+                for plan in plans:
+                    plan.remote = True
+            else:
+                check_gpus(plans, slots, hydra_cfg)
             return plans
         except (OmegaConfBaseException, hydra.errors.HydraException) as err:
             raise QsweepError(_one_line(err)) from None
@@ -125,9 +131,56 @@ def launcher_slots(hydra_cfg: DictConfig) -> tuple[str, int]:
     if "n_jobs" in launcher:  # joblib: -1 all cores, -2 all but one, ...
         n_jobs = launcher.n_jobs if launcher.n_jobs is not None else 1
         return name, n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
-    if str(launcher.get("_target_", "")).endswith(".LocalLauncher"):  # submitit's local processes
-        return name, int(launcher.get("array_parallelism") or 256)
+    if str(launcher.get("_target_", "")).endswith(".LocalLauncher"):
+        return name, sys.maxsize  # submitit's local processes start together (array_parallelism is SLURM's)
     return name, 1
+
+
+def runs_elsewhere(hydra_cfg: DictConfig | None) -> bool:
+    """The launcher runs the jobs on other machines (SLURM's nodes), whose GPUs and hub access
+    this one cannot judge."""
+    target = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg is not None else ""
+    return target.endswith(".SlurmLauncher")
+
+
+def check_gpus(plans: list[JobPlan], slots: tuple[str, int], hydra_cfg: DictConfig | None = None) -> None:
+    """Every job's GPU count fits the GPUs visible here (`gpus.ids`, CUDA_VISIBLE_DEVICES or
+    nvidia-smi); where a parallel launcher runs more jobs at once than there are GPUs for, a note
+    says that the others wait for theirs."""
+    running = [p for p in plans if not p.skip_reason and p.gpus]
+    if not running:
+        return
+    visible = devices.visible(running[0].gpu_slots.ids)
+    launcher = hydra_cfg.launcher if hydra_cfg is not None else {}
+    if (
+        visible
+        and running[0].gpu_slots.ids is None
+        and str(launcher.get("_target_", "")).endswith(".LocalLauncher")
+    ):
+        # submitit gives every local job the first gpus_per_node devices (none by default); qsweep
+        # then gives each job its own among them
+        visible = visible[: launcher.get("gpus_per_node") or 0]
+        if not visible:
+            raise QsweepError(
+                "hydra/launcher=submitit_local shows its jobs no GPU unless told: set "
+                f"hydra.launcher.gpus_per_node to this machine's {len(devices.visible(None))} (each job then "
+                "gets its own among them)"
+            )
+    if not visible:
+        return  # no GPU: the jobs that need one are refused with the reason (cannot_run_here)
+    widest = max(running, key=lambda p: p.gpus)
+    if widest.gpus > len(visible):
+        raise QsweepError(
+            f"job {widest.name} needs {widest.gpus} GPU(s) and {len(visible)} are visible here "
+            f"({', '.join(visible)}): lower engine.tensor_parallel_size (or engine.gpus, gpus.per_job), "
+            "or name more with gpus.ids"
+        )
+    name, at_once = slots
+    if min(at_once, len(running)) * widest.gpus > len(visible):
+        widest.notes.append(
+            f"{name} starts up to {min(at_once, len(running))} jobs at once and {len(visible)} GPU(s) hold "
+            f"{len(visible) // widest.gpus} of them: the others wait for free GPUs"
+        )
 
 
 def check_parallel_timing(plans: list[JobPlan], slots: tuple[str, int]) -> None:
@@ -165,7 +218,7 @@ def cannot_run_here(plans: list[JobPlan]) -> str | None:
     """One line saying which jobs this machine cannot run and why (no hub, no GPU), or None."""
     blocked: dict[str, list[str]] = {}
     for plan in plans:
-        if plan.skip_reason:
+        if plan.skip_reason or plan.remote:  # a node of the cluster, not this machine, runs it
             continue
         for reason in plan.unavailable(plan.context(Path(tempfile.gettempdir()))):
             blocked.setdefault(reason, []).append(plan.name)

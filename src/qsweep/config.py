@@ -18,7 +18,8 @@ from omegaconf import MISSING
 from qsweep import plugins
 from qsweep.benchmarks.base import BENCHMARKS
 from qsweep.calibration import CalibrationConfig
-from qsweep.envs import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT
+from qsweep.devices import GpuSlotsConfig
+from qsweep.envs import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT, CpuWait
 from qsweep.gates import GatesConfig
 from qsweep.models import ModelConfig
 from qsweep.report.decide import ReportConfig
@@ -68,9 +69,15 @@ class QsweepConfig:
     # Let a parallel launcher (joblib, submitit_local) run jobs that time things side by side on a
     # CPU-only machine, where they measure each other; off, such a sweep is refused at pre-flight.
     parallel_timing: bool = False
-    # Where engines run unless an engine says otherwise (vLLM's engine.device follows it): auto
-    # picks a CUDA GPU where one is present.
+    # Where engines run unless an engine says otherwise (engine.device follows it): auto picks a
+    # CUDA GPU where one is present.
     device: str = "auto"
+    # How jobs share out the machine's GPUs: each job holds its own (qsweep.devices).
+    gpus: GpuSlotsConfig = field(default_factory=GpuSlotsConfig)
+    # How the threads of untimed work (quantization, importance matrix, scoring) wait between
+    # tasks: `sleep`, so that jobs side by side share the cores; `spin`, the tools' own default. An
+    # engine's server always spins while a benchmark that times things runs on it.
+    cpu_wait: CpuWait = CpuWait.sleep
 
 
 def root_schema() -> type:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsweep.cache import ArtifactCache
-from qsweep.envs import StageEnv, StageEnvSpec
+from qsweep.envs import CpuWait, StageEnv, StageEnvSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +25,26 @@ class JobContext:
     # (`Benchmark.after`), e.g. accuracy at the load test's capacity.
     results: dict[str, float] = field(default_factory=dict)
     smoke_reply: str | None = None  # the server's answer to the smoke prompt, for the sanity checks
+    cpu_wait: CpuWait = CpuWait.spin  # how the tools' threads wait (`cpu_wait`); see `timing`
+    # A benchmark that times things is about to run: tools started now spin, as they do by default.
+    timing: bool = False
 
     def log(self, name: str) -> Path:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return self.log_dir / name
 
     def stage_env(self, spec: StageEnvSpec) -> StageEnv:
-        """A stage environment, in this job's `paths.envs`."""
-        return StageEnv(spec.name, self.envs_dir)
+        """A stage environment, in this job's `paths.envs`, whose tools wait as `cpu_wait` says."""
+        return StageEnv(spec.name, self.envs_dir, CpuWait.spin if self.timing else self.cpu_wait)
+
+    @contextlib.contextmanager
+    def timed(self, timing: bool = True) -> Iterator[None]:
+        """`timing` for the block: stage environments made in it give tools that spin."""
+        before, self.timing = self.timing, timing
+        try:
+            yield
+        finally:
+            self.timing = before
 
     def note(self, text: str) -> None:
         """Tell the user now, and keep it with the run (tag `qsweep.notes`)."""

@@ -16,11 +16,14 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from qsweep import logs, procs
@@ -48,13 +51,32 @@ def default_envs_dir() -> Path:
     return default_home() / "envs"
 
 
+class CpuWait(Enum):
+    """How the OpenMP threads of llama.cpp and torch wait between tasks (`cpu_wait`).
+
+    By default they spin for a while (libgomp: 300,000 turns) at every barrier and between graph
+    runs: fastest alone, and ruinous beside another such process on the same cores, where each
+    spinning thread burns the time slice the other process's straggler needs. Measured on 2 cores,
+    4 chunks of llama-perplexity (bench/cpu_wait.py): 5.8 s alone, 14.8 s as a pair spinning,
+    9.7 s as a pair sleeping (OMP_WAIT_POLICY=PASSIVE), and no slower alone (5.7 s).
+    llama.cpp's own `--poll` governs only its non-OpenMP thread pool, which this build does not use."""
+
+    sleep = "sleep"
+    spin = "spin"
+
+
+SLEEPING_THREADS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+
+
 class StageEnv:
     """A built stage environment: its interpreter, tools and the process environment to run them in.
-    `envs_dir` is the folder holding every stage environment (`paths.envs` in a sweep)."""
+    `envs_dir` is the folder holding every stage environment (`paths.envs` in a sweep); `cpu_wait`
+    says how the threads of the tools started from it wait."""
 
-    def __init__(self, name: str, envs_dir: Path):
+    def __init__(self, name: str, envs_dir: Path, cpu_wait: CpuWait = CpuWait.spin):
         self.name = name
         self.root = Path(envs_dir) / name
+        self.cpu_wait = cpu_wait
 
     @property
     def python(self) -> Path:
@@ -109,6 +131,8 @@ class StageEnv:
         else:
             env.setdefault("TQDM_DISABLE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.cpu_wait is CpuWait.sleep:
+            env.update(SLEEPING_THREADS)
         env.update(extra)
         return env
 
@@ -124,8 +148,8 @@ BUILD_REVISION = 1
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Tools on, server on without the web UI (whose default build downloads prebuilt assets), no HTTPS,
 # no llava. -DLLAMA_BUILD_TOOLS=ON alone fails at configure (mtmd added twice), hence LLAVA_BUILD=OFF.
-LLAMA_CMAKE_ARGS = (
-    "-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF -DLLAMA_TOOLS_INSTALL=ON "
+LLAMA_CMAKE_ARGS = (  # after the CPU target's flag (CPU_TARGETS)
+    "-DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF -DLLAMA_TOOLS_INSTALL=ON "
     "-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF"
 )
 LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
@@ -177,11 +201,64 @@ def cpu_model() -> str:
     return _cpuinfo("model name")
 
 
+# Which CPU llama.cpp is compiled for. `native`: this machine's every feature (-march=native), the
+# fastest here, and a crash (illegal instruction) or slightly different figures on another CPU:
+# the same GGUFs read 0.1-0.16% apart on an AVX2 and an AVX-512 machine. `portable`: ggml's x86-64
+# baseline without -march=native (SSE4.2, AVX, AVX2, FMA, F16C, BMI2; plain ARMv8 elsewhere), the
+# same kernels on every node of a cluster, for an environment shared from a login node.
+CPU_TARGETS = {"native": "-DGGML_NATIVE=ON", "portable": "-DGGML_NATIVE=OFF"}
+CPU_TARGET_VAR = "QSWEEP_LLAMACPP_CPU"
+
+
+def llamacpp_cpu_target() -> str:
+    """$QSWEEP_LLAMACPP_CPU, else the target the llamacpp environment was built for (a set-up run
+    without the variable keeps it), else native."""
+    target = os.environ.get(CPU_TARGET_VAR)
+    if not target:
+        try:
+            target = json.loads((default_envs_dir() / "llamacpp" / STAMP).read_text()).get("cpu_target")
+        except (OSError, ValueError):
+            target = None
+    target = target or "native"
+    if target not in CPU_TARGETS:
+        raise QsweepError(f"{CPU_TARGET_VAR}={target}: choose {' or '.join(CPU_TARGETS)}")
+    return target
+
+
 def llama_cmake_args() -> str:
-    args = LLAMA_CMAKE_ARGS + (" -DGGML_CUDA=ON" if has_cuda_gpu() else "")
-    if "amx_int8" in cpu_flags():
+    target = llamacpp_cpu_target()
+    args = f"{CPU_TARGETS[target]} {LLAMA_CMAKE_ARGS}" + (" -DGGML_CUDA=ON" if has_cuda_gpu() else "")
+    if target == "native" and "amx_int8" in cpu_flags():
         args += " " + NO_AMX_CMAKE_ARGS
     return (args + " " + os.environ.get("QSWEEP_LLAMACPP_CMAKE_ARGS", "")).strip()
+
+
+@functools.cache
+def llamacpp_system_info(root: Path) -> str:
+    """llama.cpp's own system info for the environment at `root`, as this machine loads it: the
+    backends and the CPU features its kernels were compiled with ("CPU : SSE3 = 1 | ... | AVX2 = 1
+    | ..."). The features built in decide the kernel path, so figures may differ where this does.
+    A build for another CPU dies here with an illegal instruction, said in one line; '' where the
+    environment is not built."""
+    env = StageEnv("llamacpp", root.parent)
+    if not (root / STAMP).is_file():
+        return ""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    try:
+        done = subprocess.run(
+            [str(env.python), "-c", code], capture_output=True, text=True, timeout=120,
+            env=env.environ(), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise QsweepError(f"cannot read llama.cpp's system info from {root}: {err}") from None
+    if done.returncode == -signal.SIGILL:
+        raise QsweepError(
+            f"llama.cpp in {root} was built for another CPU (illegal instruction here): rebuild it for "
+            f"every node with {CPU_TARGET_VAR}=portable ./setup.sh"
+        )
+    if done.returncode != 0:
+        raise QsweepError(f"cannot read llama.cpp's system info from {root}: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()
 
 
 def _pip(env: StageEnv, *args: str, log: Path, what: str, timeout_s: float = 1800, **extra_env: str) -> None:
@@ -252,7 +329,12 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
     shutil.copytree(vendored / "gguf-py", share / "gguf-py")
     for tool in LLAMA_TOOLS:
         env.tool(tool)
-    return {"llama_cpp_python": version, "llama_cpp_build": llama_build_id(env), "cmake_args": cmake_args}
+    return {
+        "llama_cpp_python": version,
+        "llama_cpp_build": llama_build_id(env),
+        "cmake_args": cmake_args,
+        "cpu_target": llamacpp_cpu_target(),
+    }
 
 
 def llama_build_id(env: StageEnv) -> str:
@@ -380,7 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["setup", "list"])
     parser.add_argument("names", nargs="*", help="environments (default: every one a plug-in runs in)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument(
+        "--llamacpp-cpu",
+        choices=sorted(CPU_TARGETS),
+        help=f"the CPU llama.cpp is compiled for (also ${CPU_TARGET_VAR}; default: as built, else native): "
+        "portable for an environment that nodes of other CPUs share",
+    )
     args = parser.parse_args(argv)
+    if args.llamacpp_cpu:
+        os.environ[CPU_TARGET_VAR] = args.llamacpp_cpu
     logs.console()
     envs_dir = default_envs_dir()
     try:

@@ -9,6 +9,7 @@ so the sweep goes on under any launcher; the sweep's exit code comes from the re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qsweep import gates, models, procs, reference, results, sanity
+from qsweep import devices, gates, models, procs, reference, results, sanity
 from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import Served, StageClock, serve_and_measure
@@ -65,7 +66,9 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         ctx.note(note)
     clock = StageClock()
     status, error, trace = "FINISHED", "", None
+    held = contextlib.ExitStack()  # the job's GPUs, released when its run is closed
     try:
+        record.devices(held.enter_context(devices.job_gpus(plan.gpus, plan.gpu_slots)))
         with clock.stage("model"):
             model = models.prepare(plan.model, plan.model_name, ctx)
             if not plan.model.path:  # a prepared or downloaded checkpoint: its own config.json, again
@@ -78,6 +81,7 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
             artifact = plan.method.build(plan.method_cfg, model, plan.fmt, ctx)
         record.artifact(artifact)
         record.stage_envs([(spec, ctx.stage_env(spec)) for spec in plan.stage_envs()])
+        record.kernels(plan.engine.kernels(plan.engine_cfg, ctx))
 
         measured = artifact.metrics | measure(plan, model, artifact, ctx, record, clock)
         suspect = sanity.job_reasons(measured, ctx.smoke_reply, plan.method.is_baseline)
@@ -98,6 +102,7 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         status, error, trace = "FAILED", f"{type(err).__name__}: {err}", traceback.format_exc()
     finally:
         record.finish(status, error, trace, clock.timings, ctx.notes, log_files(ctx, job_dir))
+        held.close()
     if status == "FAILED":
         log.error("job %s failed: %s", plan.name, error)
     return JobOutcome(plan.name, status, record.run_id)

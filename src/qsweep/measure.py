@@ -72,7 +72,9 @@ def serve_and_measure(
     of each step as it happens (a job records them at once, so a later failure keeps what was
     measured)."""
     results: dict[str, BenchmarkResult] = {}
-    with clock.stage("serve"), engine.serve(engine_cfg, artifact, ctx) as served:
+    # A server measured for speed runs alone (the pre-flight sees to it), as its tool's default.
+    timed = any(benchmark.measures_time for benchmark, _ in benchmarks.values())
+    with clock.stage("serve"), ctx.timed(timed), engine.serve(engine_cfg, artifact, ctx) as served:
         up = Served(served.start_s, engine_cfg.smoke_prompt)
         if isinstance(served, ChatEndpoint):
             up.reply, up.latency_s = served.complete(engine_cfg.smoke_prompt, engine_cfg.smoke_max_tokens)

@@ -24,9 +24,10 @@ from qsweep import compat, gates, models
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.cache import ArtifactCache
 from qsweep.context import JobContext
+from qsweep.devices import GpuSlotsConfig
 from qsweep.engines.base import ENGINES, Engine, check_common
 from qsweep.engines.served import Load
-from qsweep.envs import StageEnvSpec
+from qsweep.envs import CpuWait, StageEnvSpec
 from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
 
@@ -44,6 +45,8 @@ SECTIONS = (
     "dry_run",
     "fail_fast",
     "parallel_timing",
+    "gpus",
+    "cpu_wait",
 )
 RERUN_STAGES = ("all", "quantize")  # besides benchmark names
 
@@ -79,6 +82,10 @@ class JobPlan:
     dry_run: bool = False
     fail_fast: bool = False
     parallel_timing: bool = False  # jobs that time things may run side by side on a CPU
+    gpus: int = 0  # GPUs the job holds while it runs (its engine's or method's need, or gpus.per_job)
+    gpu_slots: GpuSlotsConfig = field(default_factory=GpuSlotsConfig)  # how jobs share the GPUs out
+    cpu_wait: CpuWait = CpuWait.sleep  # how untimed work's threads wait
+    remote: bool = False  # the launcher runs it on another machine (SLURM): set by the pre-flight
 
     def context(self, log_dir: Path, rebuild_before: float | None = None) -> JobContext:
         """A JobContext on this job's caches and stage environments."""
@@ -87,6 +94,7 @@ class JobPlan:
             model_cache=ArtifactCache(Path(self.paths.model_cache)),
             log_dir=log_dir,
             envs_dir=Path(self.paths.envs).expanduser().resolve(),
+            cpu_wait=self.cpu_wait,
         )
 
     def unavailable(self, ctx: JobContext) -> list[str]:
@@ -249,6 +257,9 @@ def plan_job(
     load = functools.reduce(Load.combine, (b.load(c) for b, c in runnable.values()), Load())
     fitted = engine.fit(engine_cfg, load)
     before, after = dataclasses.asdict(engine_cfg), dataclasses.asdict(fitted)
+    slots = sections.get("gpus") or GpuSlotsConfig()
+    if slots.per_job is not None and slots.per_job < 0:
+        raise QsweepError(f"gpus.per_job={slots.per_job} must be 0 or more")
     plan = JobPlan(
         name=f"{model_name}/{method_option}/{engine_option}",
         choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
@@ -276,6 +287,9 @@ def plan_job(
         dry_run=sections["dry_run"],
         fail_fast=sections.get("fail_fast", False),
         parallel_timing=sections.get("parallel_timing", False),
+        gpu_slots=slots,
+        gpus=max(engine.gpus(fitted), method.gpus(method_cfg)) if slots.per_job is None else slots.per_job,
+        cpu_wait=sections.get("cpu_wait", CpuWait.sleep),
     )
     plan.notes = check_shape(plan, plan.shape)
     return plan

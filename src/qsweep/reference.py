@@ -37,7 +37,7 @@ def key(
     model_fingerprint: str, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
 ) -> dict:
     """Everything a baseline result depends on: the model, the engine's result settings (fields not
-    marked `neutral` or `speed_only`) and environment, the benchmark and its settings."""
+    marked `neutral` or `speed_only`), environment and kernel path, the benchmark and its settings."""
     versions = ctx.stage_env(engine.env).package_versions() if engine.env else {}
     # `kind` was a config field when these keys were first written: kept so stored results stay valid.
     settings = {"kind": engine.name, **result_settings(engine_cfg)}
@@ -47,6 +47,7 @@ def key(
         "engine_env": sorted(f"{k}=={v}" for k, v in versions.items()),
         "benchmark": bench_name,
         "settings": json.loads(json.dumps(dataclasses.asdict(bench_cfg), default=str)),
+        "kernels": engine.kernels(engine_cfg, ctx),  # another CPU's kernels give other figures
     }
 
 

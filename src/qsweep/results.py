@@ -64,11 +64,12 @@ def key(plan: JobPlan, artifact_key: str | None, name: str, ctx: JobContext) -> 
         "settings": result_settings(cfg, timing=timing),
         "data": benchmark.data_key(cfg, ctx),
         "benchmark_env": _versions(ctx.stage_env(benchmark.env) if benchmark.env else None),
+        "kernels": plan.engine.kernels(plan.engine_cfg, ctx),
     }
     if timing:
         info = engine_env.info() if engine_env else {}
         parts["hardware"] = hardware()
-        parts["kernels"] = {k: info.get(k) for k in ("fingerprint", "llama_cpp_build", "cmake_args")}
+        parts["build"] = {k: info.get(k) for k in ("fingerprint", "llama_cpp_build", "cmake_args")}
     return json.loads(json.dumps(parts, default=str))
 
 

@@ -419,8 +419,20 @@ class JobRecorder:
                 self.client.set_tag(self.run_id, key, value)
             if "llama_cpp_build" in info:
                 self.client.set_tag(self.run_id, "llama_cpp.build", info["llama_cpp_build"])
+                self.client.set_tag(self.run_id, "llama_cpp.cpu_target", info.get("cpu_target", "native"))
             packages = "\n".join(info.get("packages", []))
             self.client.log_text(self.run_id, packages, f"envs/{spec.name}-packages.txt")
+
+    def kernels(self, kernels: str) -> None:
+        """The engine's kernel path on this machine (`Engine.kernels`), tag `engine.kernels`."""
+        if kernels:
+            self.client.set_tag(self.run_id, "engine.kernels", kernels[:5000])
+
+    def devices(self, gpus: list[str]) -> None:
+        """The GPUs the job held (as CUDA_VISIBLE_DEVICES named them for it): params `job.gpus`
+        and `job.gpu_count`, which the report compares across runs."""
+        params = {"job.gpus": ",".join(gpus) or "none", "job.gpu_count": str(len(gpus))}
+        log_params(self.client, self.run_id, params)
 
     def preset(self, changed: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, {f"served.{k}": str(v) for k, v in changed.items()})

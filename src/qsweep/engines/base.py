@@ -84,6 +84,18 @@ class Engine(ABC):
         """The device it serves on ("cpu", "cuda"): picks measured caveats and unservable pairs."""
         return "cpu"
 
+    def gpus(self, cfg: Any) -> int:
+        """How many GPUs a job serving with these settings holds (tensor parallelism; 0 on a CPU):
+        the job gets that many of its own (qsweep.devices), and only those are visible to it."""
+        return 0
+
+    def kernels(self, cfg: Any, ctx: JobContext) -> str:
+        """What decides its figures on this machine besides its settings and package versions (for
+        llama.cpp, its own system info: backends and the CPU features compiled in), or ''. Part of
+        every result's cache key and tagged on every run (`engine.kernels`); the report flags
+        comparisons across different ones."""
+        return ""
+
     def fit(self, cfg: Any, load: Load) -> Any:
         """The config sized for `load` (never lowered; unchanged when `cfg.fit_to_load` is off)."""
         return cfg

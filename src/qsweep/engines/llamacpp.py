@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from qsweep import envs, procs
@@ -26,12 +27,24 @@ from qsweep.settings import at_least, speed_only
 log = logging.getLogger(__name__)
 
 
+class SplitMode(Enum):
+    """How one model spans several GPUs (--split-mode): whole layers per GPU, or rows of each tensor."""
+
+    none = "none"
+    layer = "layer"
+    row = "row"
+
+
 @dataclass
 class Config(EngineConfig):
     ctx_size: int = speed_only(2048, minimum=1)  # total KV context, shared by the slots
     parallel: int = speed_only(1, minimum=1)  # slots (-np): requests served at once
     threads: int | None = at_least(1, None)  # default: llama.cpp's choice (all cores)
-    n_gpu_layers: int | None = None  # -ngl; default: llama.cpp's choice
+    # auto: a CUDA GPU where one is present (set-up builds llama.cpp with CUDA there), else the CPU
+    device: str = "auto"
+    n_gpu_layers: int | None = None  # -ngl on a GPU; default: llama.cpp's choice (all that fit)
+    gpus: int = at_least(1, 1)  # GPUs one server spans on a GPU; the job holds that many of its own
+    split_mode: SplitMode = SplitMode.layer  # how a model spans `gpus` > 1
 
 
 class LlamaCppServed(ServedModel):
@@ -50,6 +63,7 @@ class LlamaCppServed(ServedModel):
                     "--out",
                     out,
                     *(["--threads", self.cfg.threads] if self.cfg.threads else []),
+                    *(["--gpu-layers", gpu_layers(self.cfg)] if on_gpu(self.cfg) else []),
                 ],
                 log_path=self.ctx.log("scoring.log"),
                 timeout_s=timeout_s,
@@ -99,6 +113,25 @@ class LlamaCppEngine(Engine):
     env = envs.LLAMACPP
     served_type = LlamaCppServed
 
+    def check(self, cfg: Config) -> None:
+        self.device(cfg)
+
+    def unavailable(self, cfg: Config) -> str | None:
+        if cfg.device == "cuda" and not envs.has_cuda_gpu():
+            return "engine.device=cuda, and this machine has no CUDA GPU"
+        return None
+
+    def device(self, cfg: Config) -> str:
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
+        return "cuda" if on_gpu(cfg) else "cpu"
+
+    def gpus(self, cfg: Config) -> int:
+        return cfg.gpus if on_gpu(cfg) else 0
+
+    def kernels(self, cfg: Config, ctx: JobContext) -> str:
+        return envs.llamacpp_system_info(ctx.stage_env(envs.LLAMACPP).root)
+
     def fit(self, cfg: Config, load: Load) -> Config:
         """Fair serving preset: one slot per concurrent request, each with room for a whole request.
         llama-server splits ctx_size across its slots; with the default single slot it serves
@@ -113,6 +146,16 @@ class LlamaCppEngine(Engine):
 
     def serve(self, cfg: Config, artifact: Artifact, ctx: JobContext) -> contextlib.AbstractContextManager:
         return serve(cfg, artifact, ctx)
+
+
+def on_gpu(cfg: Config) -> bool:
+    """Whether the server runs on a GPU: asked for, or `auto` where one is (and layers go there)."""
+    wanted = cfg.device == "cuda" or (cfg.device == "auto" and envs.has_cuda_gpu())
+    return wanted and cfg.n_gpu_layers != 0
+
+
+def gpu_layers(cfg: Config) -> int:
+    return -1 if cfg.n_gpu_layers is None else cfg.n_gpu_layers
 
 
 @contextlib.contextmanager
@@ -139,6 +182,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         "--no-webui",
         *(["-t", cfg.threads] if cfg.threads else []),
         *(["-ngl", cfg.n_gpu_layers] if cfg.n_gpu_layers is not None else []),
+        *(["--split-mode", cfg.split_mode.value] if on_gpu(cfg) and cfg.gpus > 1 else []),
         *cfg.extra_args,
     ]
     started = time.monotonic()

@@ -19,7 +19,7 @@ from qsweep.engines import http
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
-from qsweep.settings import neutral, speed_only
+from qsweep.settings import at_least, neutral, speed_only
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class Config(EngineConfig):
     # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: ignored (use gpu_memory_utilization)
     kv_cache_gb: int = speed_only(1, minimum=1)
     gpu_memory_utilization: float = 0.9
+    # GPUs one server spans (--tensor-parallel-size): the job holds that many of its own. Not
+    # `speed_only`: a different split reduces in a different order, so results may move a little.
+    tensor_parallel_size: int = at_least(1, 1)
     dtype: str = "auto"
     enforce_eager: bool = True  # CPU: skips a ~2 min torch.compile warm-up at every new shape
     startup_timeout_s: int = neutral(600, minimum=1)
@@ -120,6 +123,9 @@ class VllmEngine(Engine):
             raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
         return ("cuda" if envs.has_cuda_gpu() else "cpu") if cfg.device == "auto" else cfg.device
 
+    def gpus(self, cfg: Config) -> int:
+        return cfg.tensor_parallel_size if self.device(cfg) == "cuda" else 0
+
     def fit(self, cfg: Config, load: Load) -> Config:
         """Fair serving preset: enough sequences for the largest concurrency, so requests are not
         queued by a setting rather than by the engine; a context that holds every request and
@@ -168,6 +174,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         "--max-logprobs",
         cfg.max_logprobs,
         *(["--gpu-memory-utilization", cfg.gpu_memory_utilization] if on == "cuda" else []),
+        *(["--tensor-parallel-size", cfg.tensor_parallel_size] if on == "cuda" else []),
         *cfg.extra_args,
     ]
     extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

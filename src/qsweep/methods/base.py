@@ -51,6 +51,11 @@ class Method(ABC):
         fix, or return notes on what is adapted to the model."""
         return []
 
+    def gpus(self, cfg: Any) -> int:
+        """How many GPUs its quantization uses on this machine (0: none; the job holds at least
+        that many of its own, and sees no others)."""
+        return 0
+
     def plan(self, cfg: Any, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         """The cache entries `build` would use and whether they exist, computed with the same keys
         and without side effects: the dry run reports them and looks up results under `key`. The

@@ -138,6 +138,11 @@ class LlmCompressorMethod(Method):
     def check_model(self, cfg: Config, shape: ModelShape, given: frozenset[str]) -> list[str]:
         return check_group_size(cfg, shape, given="group_size" in given)
 
+    def gpus(self, cfg: Config) -> int:
+        """One where a GPU is: llm-compressor and GPTQModel calibrate on it (set-up installs the
+        CUDA variant of the quantize environment there)."""
+        return 1 if envs.has_cuda_gpu() else 0
+
     def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         sha = calibration.content_sha(cfg.calibration, ctx.artifact_cache) if needs_calibration(cfg) else None
         key = content_key(artifact_key(cfg, model_fingerprint, sha, ctx))

@@ -71,7 +71,9 @@ def sections_of(rows: list[JobRow], cfg: ReportConfig, draw: bool = True) -> lis
     for model in dict.fromkeys(row.model for row in rows):
         mine = [row for row in rows if row.model == model and row.status != "SKIPPED"]
         picks, left_out = decide.recommend(mine, cfg)
-        section = render.Section(model, mine, picks, left_out, decide.noise_statements(mine))
+        section = render.Section(
+            model, mine, picks, left_out, decide.noise_statements(mine), decide.like_for_like(mine)
+        )
         if draw:
             section.figures = figures.draw(mine, cfg)
         sections.append(section)

@@ -188,3 +188,53 @@ def noise_statements(rows: list[JobRow]) -> list[str]:
         if row.ppl_within_noise:
             lines.append(f"`{row.name}`: perplexity ratio {row.ppl_ratio:.4f} is within noise of 1")
     return lines
+
+
+def features(kernels: str) -> set[str]:
+    """The features a kernel-path line turns on ("AVX2 = 1 | ..." -> {"AVX2"}), and its backends
+    ("CUDA : ARCHS = ..." -> {"CUDA"})."""
+    found = set()
+    for part in kernels.split("|"):
+        if ":" in part:
+            backend, _, part = part.partition(":")
+            found.add(backend.strip())
+        name, _, value = part.partition("=")
+        if name.strip() and value.strip() not in ("", "0"):
+            found.add(name.strip())
+    return found
+
+
+def like_for_like(rows: list[JobRow]) -> list[str]:
+    """Comparisons a reader should not take at face value: runs made on different GPU counts
+    (speed and memory), and runs of one engine on different kernel paths (figures differ for that
+    alone: 0.1-0.16% in perplexity between AVX2 and AVX-512 builds on the same GGUFs)."""
+    lines = []
+    done = [row for row in rows if row.status == "FINISHED" and not row.skipped]
+    counts: dict[int, list[str]] = {}
+    for row in done:
+        if row.gpu_count is not None:
+            counts.setdefault(row.gpu_count, []).append(row.name)
+    if len(counts) > 1:
+        groups = "; ".join(f"{n} GPU(s): " + ", ".join(f"`{name}`" for name in names)
+                           for n, names in sorted(counts.items()))  # fmt: skip
+        lines.append(
+            f"runs held different numbers of GPUs ({groups}): their speed and memory differ for that"
+        )
+    for engine in dict.fromkeys(row.engine for row in done):
+        paths: dict[str, list[str]] = {}
+        for row in done:
+            if row.engine == engine and row.kernels:
+                paths.setdefault(row.kernels, []).append(row.name)
+        if len(paths) < 2:
+            continue
+        common = set.intersection(*(features(k) for k in paths))
+        groups = "; ".join(
+            (" ".join(sorted(features(k) - common)) or "baseline features") + ": "
+            + ", ".join(f"`{name}`" for name in names)
+            for k, names in paths.items()
+        )  # fmt: skip
+        lines.append(
+            f"{engine} ran on different kernel paths ({groups}): their figures may differ by a few "
+            "tenths of a percent for that alone"
+        )
+    return lines

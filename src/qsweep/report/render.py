@@ -25,6 +25,7 @@ class Section:
     picks: list[Pick]
     left_out: dict[str, str]  # job -> why it cannot be recommended
     noise: list[str]
+    unlike: list[str] = field(default_factory=list)  # comparisons not like for like (decide.like_for_like)
     figures: dict[str, Figure | bytes] = field(default_factory=dict)  # drawn, then as written (PNG)
 
 
@@ -172,6 +173,8 @@ def markdown(title: str, sections: list[Section], constraints: str, comparison: 
             ]
         if section.noise:
             parts += ["", "### Within noise", ""] + [f"- {line}" for line in section.noise]
+        if section.unlike:
+            parts += ["", "### Not like for like", ""] + [f"- {line}" for line in section.unlike]
         header, body = table(section.rows)
         parts += ["", "### Evidence", "", _md_table(header, body), ""]
         parts += [f"![{name}](figures/{name})" for name in section.figures]
@@ -236,6 +239,12 @@ def html_page(title: str, sections: list[Section], constraints: str, comparison:
             body += (
                 ["<h3>Within noise</h3>", "<ul>"]
                 + [f"<li>{md_inline(n)}</li>" for n in section.noise]
+                + ["</ul>"]
+            )
+        if section.unlike:
+            body += (
+                ["<h3>Not like for like</h3>", "<ul>"]
+                + [f"<li>{md_inline(n)}</li>" for n in section.unlike]
                 + ["</ul>"]
             )
         body += ["<h3>Evidence</h3>", table_html(*table(section.rows), "evidence")]

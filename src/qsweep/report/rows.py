@@ -86,6 +86,8 @@ class JobRow:
     objective: str = ""
     busy: bool = False  # a load test measured while other work kept the CPUs busy
     suspect: str = ""  # why its figures cannot be right (`sanity`), if they cannot
+    gpu_count: int | None = None  # GPUs the job held (param `job.gpu_count`); None: not recorded
+    kernels: str = ""  # the engine's kernel path on the machine that ran it (tag `engine.kernels`)
 
     def speed(self, concurrency: int | None = None) -> Value | None:
         """Output tok/s at a concurrency (default: the highest measured), with the standard error
@@ -206,6 +208,8 @@ def row_from_run(run, curves: dict[str, dict[int, float]], fallback: dict[str, f
         objective=objective_of(params),
         busy=max(m.get("perf_cpu_busy_before", 0.0), m.get("perf_cpu_busy_during", 0.0)) > 0.25,
         suspect=tags.get("qsweep.suspect", ""),
+        gpu_count=int(params["job.gpu_count"]) if params.get("job.gpu_count", "").isdigit() else None,
+        kernels=tags.get("engine.kernels", ""),
     )
     for key in MEMORY:
         value = m.get(key, fallback.get(key))

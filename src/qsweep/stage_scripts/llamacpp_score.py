@@ -20,7 +20,7 @@ import sys
 import time
 
 
-def load(model: str, n_ctx: int, threads: int | None, logits_all: bool):
+def load(model: str, n_ctx: int, threads: int | None, logits_all: bool, gpu_layers: int = 0):
     from llama_cpp import Llama
 
     return Llama(
@@ -31,12 +31,13 @@ def load(model: str, n_ctx: int, threads: int | None, logits_all: bool):
         logits_all=logits_all,
         n_threads=threads,
         n_threads_batch=threads,
+        n_gpu_layers=gpu_layers,
         verbose=False,
     )
 
 
 def tokenize(args: argparse.Namespace) -> dict:
-    llm = load(args.model, 512, args.threads, logits_all=False)
+    llm = load(args.model, 512, args.threads, logits_all=False, gpu_layers=args.gpu_layers)
     with open(args.text, "rb") as f:
         text = f.read()
     # Same call as llama-perplexity's common_tokenize(ctx, text, add_special=true, parse_special=false).
@@ -85,7 +86,9 @@ def scored_rows(args: argparse.Namespace, what: str):
 
     with open(args.chunks) as f:
         chunks = json.load(f)["chunks"]
-    llm = load(args.model, max(len(c) for c in chunks), args.threads, logits_all=True)
+    llm = load(
+        args.model, max(len(c) for c in chunks), args.threads, logits_all=True, gpu_layers=args.gpu_layers
+    )
     started = time.monotonic()
     for i, chunk in enumerate(chunks):
         llm.reset()
@@ -126,6 +129,9 @@ def main() -> int:
     parser.add_argument("--chunks")
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--gpu-layers", type=int, default=0, help="layers on the GPU (-1: all) on a CUDA build"
+    )
     parser.add_argument("--hf-tokenizer")
     parser.add_argument("--compare-tokens", type=int, default=None)
     parser.add_argument("--out", required=True)
