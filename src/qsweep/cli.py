@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qsweep import config, devices, dryrun, job, logs, tracking
 from qsweep.errors import QsweepError
-from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job
+from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job, sweep_label, swept_keys
 from qsweep.sweep import SweepFailed
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,14 @@ def expand_jobs(overrides: list[str], multirun: bool, hydra_cfg: DictConfig | No
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def plan_overrides(overrides: list[str]) -> JobPlan:
-    """Compose one job's config as Hydra will and plan it (inside an initialized Hydra context)."""
+def plan_overrides(overrides: list[str], swept: frozenset[str] = frozenset()) -> JobPlan:
+    """Compose one job's config as Hydra will and plan it (inside an initialized Hydra context);
+    `swept`, the keys the sweep varies (`swept_keys`), name it apart from its siblings."""
     from hydra import compose
 
     cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    return plan_job(cfg, cfg.hydra.runtime.choices, benchmark_order(overrides), given_keys(overrides))
+    label = sweep_label(overrides, swept)
+    return plan_job(cfg, cfg.hydra.runtime.choices, benchmark_order(overrides), given_keys(overrides), label)
 
 
 def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
@@ -104,7 +106,8 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
         try:
             hydra_cfg = sweep_hydra(overrides) if multirun else None
             jobs = expand_jobs(overrides, multirun, hydra_cfg)
-            plans = [plan_overrides(job_overrides) for job_overrides in jobs]
+            swept = swept_keys(overrides, hydra_cfg.sweeper.params) if hydra_cfg is not None else frozenset()
+            plans = [plan_overrides(job_overrides, swept) for job_overrides in jobs]
             slots = launcher_slots(hydra_cfg) if hydra_cfg is not None else ("hydra/launcher=basic", 1)
             if hydra_cfg is not None:
                 check_parallel_timing(plans, slots)

@@ -24,8 +24,8 @@ from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import Served, StageClock, serve_and_measure
 from qsweep.models import PreparedModel
-from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job
-from qsweep.sweep import JobOutcome, parent_run_id, sweep_began
+from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job, sweep_label
+from qsweep.sweep import JobOutcome, parent_run_id, sweep_began, sweep_swept_keys
 from qsweep.tracking import JobRecorder
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ def run_job(cfg: DictConfig) -> JobOutcome:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     with procs.stop_on_signals():
         overrides = list(hydra_cfg.overrides.task)
-        plan = plan_job(cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides))
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        label = sweep_label(overrides, sweep_swept_keys(Path(hydra_cfg.sweep.dir))) if multirun else ""
+        plan = plan_job(
+            cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides), label
+        )
         parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
         # rerun=[quantize] rebuilds what was built before this sweep began, once per sweep.
         began = sweep_began(Path(hydra_cfg.sweep.dir)) if multirun else time.time()
@@ -156,7 +159,7 @@ def measure(
             results.save(ctx.artifact_cache, keys[name], result, record.run_id)
             saved.add(name)
         reference.keep(plan, model, name, result, ctx)
-        if not plan.method.is_baseline and result.samples is not None and not compare(name, result):
+        if plan.quantizes and result.samples is not None and not compare(name, result):
             uncompared[name] = result  # the baseline's results are not there yet
 
     if plan.preset:

@@ -30,6 +30,7 @@ from qsweep.engines.served import Load
 from qsweep.envs import CpuWait, StageEnvSpec
 from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method
+from qsweep.settings import quantizes_at_serving
 
 # Top-level config sections, converted to typed objects (a missing value fails here).
 SECTIONS = (
@@ -114,9 +115,15 @@ class JobPlan:
         return bool(self.rerun & named)
 
     @property
+    def quantizes(self) -> bool:
+        """The job quantizes something: its method, or its engine at serving time (a KV cache type)."""
+        return not self.method.is_baseline or quantizes_at_serving(self.engine_cfg)
+
+    @property
     def is_reference_baseline(self) -> bool:
-        """The default baseline, whose results quantized jobs are compared with."""
-        return self.method.is_baseline and self.method_cfg == type(self.method_cfg)()
+        """The default baseline, whose results quantized jobs are compared with: nothing quantized,
+        the baseline method at its defaults."""
+        return not self.quantizes and self.method_cfg == type(self.method_cfg)()
 
     def stage_envs(self) -> list[StageEnvSpec]:
         """The stage environments this job uses, model preparation's included."""
@@ -170,6 +177,30 @@ def given_keys(overrides: list[str]) -> frozenset[str]:
     return frozenset(o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
 
 
+NAMED_BY_CHOICE = frozenset({"model", "method", "engine"})  # already in a job's name
+
+
+def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None) -> frozenset[str]:
+    """The keys a sweep gives several values, from its command line and its sweeper's params,
+    besides the model, method and engine options (which every job's name already says)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = {o.get_key_element().lstrip("+~") for o in parser.parse_overrides(overrides)}
+    # the sweeper's params apply where the command line does not set the key (as Hydra does)
+    params = [f"{k}={v}" for k, v in (sweeper_params or {}).items() if k not in given]
+    parsed = parser.parse_overrides([*overrides, *params])
+    keys = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    return frozenset(k for k in keys if k not in NAMED_BY_CHOICE and not k.startswith("hydra"))
+
+
+def sweep_label(job_overrides: list[str], swept: frozenset[str]) -> str:
+    """'[engine.cache_type_k=q8_0]': this job's values of the swept keys, which tell apart jobs of
+    one model, method and engine (a KV cache sweep, a group-size sweep); '' where none is swept."""
+    values = [o.lstrip("+~") for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    return f"[{','.join(sorted(values))}]" if values else ""
+
+
 def check_context(context: int | None, model_name: str, name: str, benchmark: Benchmark, cfg: Any) -> None:
     """A benchmark asks for no sequence longer than the model was trained for (where known)."""
     load = benchmark.load(cfg)
@@ -208,11 +239,16 @@ def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str
 
 
 def plan_job(
-    cfg: DictConfig, choices: Mapping[str, Any], order: list[str] = (), given: frozenset[str] = frozenset()
+    cfg: DictConfig,
+    choices: Mapping[str, Any],
+    order: list[str] = (),
+    given: frozenset[str] = frozenset(),
+    label: str = "",
 ) -> JobPlan:
     """Check one composed job and decide what it will do; raises QsweepError naming the fix.
     `order` lists benchmark names in the order to run them (`benchmark_order`); `given`, the keys
-    set on the command line (`given_keys`)."""
+    set on the command line (`given_keys`); `label`, what tells it apart from the sweep's other jobs
+    of the same model, method and engine (`sweep_label`), added to its name."""
     sections = {name: typed(cfg, name) for name in SECTIONS if name in cfg}
     model_cfg, method_cfg, engine_cfg = sections["model"], sections["method"], sections["engine"]
     method = METHODS.for_config(type(method_cfg))
@@ -261,7 +297,7 @@ def plan_job(
     if slots.per_job is not None and slots.per_job < 0:
         raise QsweepError(f"gpus.per_job={slots.per_job} must be 0 or more")
     plan = JobPlan(
-        name=f"{model_name}/{method_option}/{engine_option}",
+        name=f"{model_name}/{method_option}/{engine_option}{label}",
         choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
         model_name=model_name,
         method_option=method_option,

@@ -26,7 +26,7 @@ from qsweep.measure import StageClock, headline, serve_and_measure
 from qsweep.methods.baseline import BaselineMethod
 from qsweep.models import PreparedModel
 from qsweep.plan import JobPlan
-from qsweep.settings import result_settings
+from qsweep.settings import result_settings, unquantized
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ def key(
     model_fingerprint: str, engine: Engine, engine_cfg: Any, bench_name: str, bench_cfg: Any, ctx: JobContext
 ) -> dict:
     """Everything a baseline result depends on: the model, the engine's result settings (fields not
-    marked `neutral` or `speed_only`), environment and kernel path, the benchmark and its settings."""
+    marked `neutral` or `speed_only`; those marked `quantizes` at their defaults: the baseline
+    quantizes nothing), environment and kernel path, the benchmark and its settings."""
     versions = ctx.stage_env(engine.env).package_versions() if engine.env else {}
     # `kind` was a config field when these keys were first written: kept so stored results stay valid.
-    settings = {"kind": engine.name, **result_settings(engine_cfg)}
+    settings = {"kind": engine.name, **result_settings(unquantized(engine_cfg))}
     return {
         "model": model_fingerprint,
         "engine": json.loads(json.dumps(settings, default=str)),
@@ -126,7 +127,7 @@ def keep(plan: JobPlan, model: PreparedModel, name: str, result: BenchmarkResult
         return
     if plan.is_reference_baseline:
         store(ctx.artifact_cache, baseline_key(plan, model.fingerprint, name, ctx), result.samples)
-    if plan.method.is_baseline:  # a baseline with other settings is not what others compare with
+    if not plan.quantizes:  # a baseline with other settings is not what others compare with
         discard_files(result.samples)
 
 
@@ -162,4 +163,4 @@ def evaluate_missing_baseline(
     if missing and fmt is None:
         ctx.note(f"engine {plan.engine.name} cannot serve the baseline: nothing to compare with")
     elif missing:
-        evaluate_baseline(missing, model, fmt, plan.engine, plan.engine_cfg, ctx)
+        evaluate_baseline(missing, model, fmt, plan.engine, unquantized(plan.engine_cfg), ctx)

@@ -176,7 +176,7 @@ def find_reusable(
         if benchmark.compares:
             baseline = reference.baseline_key(plan, model_fingerprint, name, ctx)
             base = reference.stamp(ctx.artifact_cache, baseline)
-            if plan.method.is_baseline:
+            if not plan.quantizes:
                 deltas = None if plan.is_reference_baseline and base is None else {}
             else:
                 revision = benchmark.compare_revision

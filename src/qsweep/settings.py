@@ -11,6 +11,7 @@ from typing import Any
 
 NEUTRAL = "qsweep.neutral"
 SPEED_ONLY = "qsweep.speed_only"
+QUANTIZES = "qsweep.quantizes"
 MINIMUM = "qsweep.minimum"  # the least value the pre-flight accepts (None always passes)
 
 
@@ -26,6 +27,24 @@ def neutral(default: Any = MISSING, *, default_factory: Any = MISSING, minimum: 
     """A config field that changes no result: `port: int = neutral(0)`; `minimum`, the least
     value the pre-flight accepts (`timeout_s: int = neutral(300, minimum=1)`)."""
     return _field({NEUTRAL: True}, default, default_factory, minimum)
+
+
+def quantizes(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """An engine setting that quantizes at serving time (a KV cache type), whose default quantizes
+    nothing: the baseline is always measured at the default, and a job that sets it is compared with
+    that baseline, `method=none` included, so its cost shows: `cache_type_k: T = quantizes(T.f16)`."""
+    return _field({QUANTIZES: True}, default, default_factory, None)
+
+
+def unquantized(cfg: Any) -> Any:
+    """`cfg` with every `quantizes` field at its default: the settings the baseline is served with."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.metadata.get(QUANTIZES)}
+    return dataclasses.replace(cfg, **defaults) if defaults else cfg
+
+
+def quantizes_at_serving(cfg: Any) -> bool:
+    """Whether a `quantizes` field of `cfg` is set off its default."""
+    return unquantized(cfg) != cfg
 
 
 def speed_only(

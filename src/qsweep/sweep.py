@@ -9,6 +9,7 @@ BasicSweeper skips `on_multirun_end` when a job raises; qsweep's jobs never do).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -60,6 +61,22 @@ def parent_run_id(sweep_dir: Path) -> str | None:
         return (sweep_dir / PARENT_ID_FILE).read_text().strip() or None
     except OSError:
         return None
+
+
+@functools.cache
+def sweep_swept_keys(sweep_dir: Path) -> frozenset[str]:
+    """The keys the sweep varies besides model, method and engine (`plan.swept_keys`), from the
+    command line and sweeper params Hydra saved in the sweep's multirun.yaml (a job sees only its
+    own values)."""
+    from omegaconf import OmegaConf
+
+    from qsweep.plan import swept_keys
+
+    try:
+        saved = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
+    except OSError:
+        return frozenset()
+    return swept_keys(list(saved.overrides.task), saved.sweeper.params)
 
 
 class SweepCallback(Callback):

@@ -361,7 +361,7 @@ class JobRecorder:
             **environment_tags(),
             **owner_tags(),
             "qsweep.kind": "job",
-            "qsweep.baseline": str(plan.method.is_baseline).lower(),
+            "qsweep.baseline": str(not plan.quantizes).lower(),
             "qsweep.job_dir": str(job_dir),
             **{f"choice.{k}": str(v) for k, v in plan.choices.items()},
         }

@@ -22,7 +22,7 @@ from qsweep.engines import http
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
-from qsweep.settings import at_least, speed_only
+from qsweep.settings import at_least, quantizes, speed_only
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,28 @@ class SplitMode(Enum):
     row = "row"
 
 
+class KvCacheType(Enum):
+    """Types llama.cpp keeps its KV cache in (-ctk / -ctv)."""
+
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+    q5_1 = "q5_1"
+    q5_0 = "q5_0"
+    q4_1 = "q4_1"
+    q4_0 = "q4_0"
+    iq4_nl = "iq4_nl"
+
+
+class FlashAttn(Enum):
+    """Flash attention: `auto` is llama.cpp's own choice (its server's and llama-perplexity's
+    default), turned on where the V cache is quantized, which needs it."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 @dataclass
 class Config(EngineConfig):
     ctx_size: int = speed_only(2048, minimum=1)  # total KV context, shared by the slots
@@ -45,6 +67,11 @@ class Config(EngineConfig):
     n_gpu_layers: int | None = None  # -ngl on a GPU; default: llama.cpp's choice (all that fit)
     gpus: int = at_least(1, 1)  # GPUs one server spans on a GPU; the job holds that many of its own
     split_mode: SplitMode = SplitMode.layer  # how a model spans `gpus` > 1
+    # The KV cache's types, for serving and for the perplexity/KL scoring alike; the baseline is
+    # always measured with f16, so a quantized cache's cost shows in every comparison.
+    cache_type_k: KvCacheType = quantizes(KvCacheType.f16)
+    cache_type_v: KvCacheType = quantizes(KvCacheType.f16)
+    flash_attn: FlashAttn = FlashAttn.auto
 
 
 class LlamaCppServed(ServedModel):
@@ -64,6 +91,12 @@ class LlamaCppServed(ServedModel):
                     out,
                     *(["--threads", self.cfg.threads] if self.cfg.threads else []),
                     *(["--gpu-layers", gpu_layers(self.cfg)] if on_gpu(self.cfg) else []),
+                    "--cache-type-k",
+                    self.cfg.cache_type_k.value,
+                    "--cache-type-v",
+                    self.cfg.cache_type_v.value,
+                    "--flash-attn",
+                    "on" if flash_attn(self.cfg) else self.cfg.flash_attn.value,
                 ],
                 log_path=self.ctx.log("scoring.log"),
                 timeout_s=timeout_s,
@@ -115,6 +148,11 @@ class LlamaCppEngine(Engine):
 
     def check(self, cfg: Config) -> None:
         self.device(cfg)
+        if cfg.cache_type_v is not KvCacheType.f16 and cfg.flash_attn is FlashAttn.off:
+            raise QsweepError(
+                f"engine.cache_type_v={cfg.cache_type_v.value} needs flash attention (llama.cpp keeps a "
+                "quantized V cache only with it): set engine.flash_attn=auto or on"
+            )
 
     def unavailable(self, cfg: Config) -> str | None:
         if cfg.device == "cuda" and not envs.has_cuda_gpu():
@@ -154,6 +192,13 @@ def on_gpu(cfg: Config) -> bool:
     return wanted and cfg.n_gpu_layers != 0
 
 
+def flash_attn(cfg: Config) -> bool:
+    """Flash attention on: asked for, or `auto` with a quantized V cache."""
+    return cfg.flash_attn is FlashAttn.on or (
+        cfg.flash_attn is FlashAttn.auto and cfg.cache_type_v is not KvCacheType.f16
+    )
+
+
 def gpu_layers(cfg: Config) -> int:
     return -1 if cfg.n_gpu_layers is None else cfg.n_gpu_layers
 
@@ -183,6 +228,13 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         *(["-t", cfg.threads] if cfg.threads else []),
         *(["-ngl", cfg.n_gpu_layers] if cfg.n_gpu_layers is not None else []),
         *(["--split-mode", cfg.split_mode.value] if on_gpu(cfg) and cfg.gpus > 1 else []),
+        *(["-ctk", cfg.cache_type_k.value] if cfg.cache_type_k is not KvCacheType.f16 else []),
+        *(["-ctv", cfg.cache_type_v.value] if cfg.cache_type_v is not KvCacheType.f16 else []),
+        *(
+            ["-fa", "on" if flash_attn(cfg) else "off"]
+            if cfg.flash_attn is not FlashAttn.auto or flash_attn(cfg)
+            else []
+        ),
         *cfg.extra_args,
     ]
     started = time.monotonic()

@@ -19,7 +19,7 @@ from qsweep.engines import http
 from qsweep.engines.base import ENGINES, Engine, EngineConfig
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
-from qsweep.settings import at_least, neutral, speed_only
+from qsweep.settings import at_least, neutral, quantizes, speed_only
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ def is_fp8(checkpoint: Path) -> bool:
     return "float-quantized" in text or "fp8" in text or "float8" in text
 
 
+# vLLM 0.32's --kv-cache-dtype choices (vllm/config/cache.py CacheDType); its CPU attention backend
+# declares auto, fp8, fp8_e4m3 and fp8_e5m2, the others are GPU backends'.
+KV_CACHE_DTYPES = (
+    "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "nvfp4_ds_mla",
+    "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc", "ultraquant_4bit",
+    "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6",
+)  # fmt: skip
+
+
 @dataclass
 class Config(EngineConfig):
     device: str = "auto"  # auto | cpu | cuda
@@ -47,6 +56,8 @@ class Config(EngineConfig):
     # GPUs one server spans (--tensor-parallel-size): the job holds that many of its own. Not
     # `speed_only`: a different split reduces in a different order, so results may move a little.
     tensor_parallel_size: int = at_least(1, 1)
+    # --kv-cache-dtype: auto (the model's dtype), fp8, fp8_e4m3, fp8_e5m2; the baseline keeps auto
+    kv_cache_dtype: str = quantizes("auto")
     dtype: str = "auto"
     enforce_eager: bool = True  # CPU: skips a ~2 min torch.compile warm-up at every new shape
     startup_timeout_s: int = neutral(600, minimum=1)
@@ -112,6 +123,10 @@ class VllmEngine(Engine):
 
     def check(self, cfg: Config) -> None:
         self.device(cfg)
+        if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise QsweepError(
+                f"engine.kv_cache_dtype={cfg.kv_cache_dtype}: choose one of {', '.join(KV_CACHE_DTYPES)}"
+            )
 
     def unavailable(self, cfg: Config) -> str | None:
         if cfg.device == "cuda" and not envs.has_cuda_gpu():
@@ -175,6 +190,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         cfg.max_logprobs,
         *(["--gpu-memory-utilization", cfg.gpu_memory_utilization] if on == "cuda" else []),
         *(["--tensor-parallel-size", cfg.tensor_parallel_size] if on == "cuda" else []),
+        *(["--kv-cache-dtype", cfg.kv_cache_dtype] if cfg.kv_cache_dtype != "auto" else []),
         *cfg.extra_args,
     ]
     extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from qsweep import envs, procs, textdata
 from qsweep.cache import CacheEntry, content_key
 from qsweep.context import Artifact, JobContext
+from qsweep.errors import QsweepError
 from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import PreparedModel
 from qsweep.textdata import TextConfig, check_holds, materialize
@@ -34,19 +35,50 @@ class GgufOuttype(Enum):
 
 
 class GgufQuantType(Enum):
-    """llama-quantize types qsweep offers (any llama-quantize type name works the same way)."""
+    """llama-quantize types qsweep offers (the `gguf-*` options in conf/method/ name the common ones)."""
 
     Q8_0 = "Q8_0"
     Q6_K = "Q6_K"
     Q5_K_M = "Q5_K_M"
+    Q5_K_S = "Q5_K_S"
+    Q5_0 = "Q5_0"
     Q4_K_M = "Q4_K_M"
     Q4_K_S = "Q4_K_S"
     Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
+    Q3_K_L = "Q3_K_L"
     Q3_K_M = "Q3_K_M"
+    Q3_K_S = "Q3_K_S"
     Q2_K = "Q2_K"
+    Q2_K_S = "Q2_K_S"
     IQ4_XS = "IQ4_XS"
     IQ4_NL = "IQ4_NL"
+    IQ3_M = "IQ3_M"
+    IQ3_S = "IQ3_S"
     IQ3_XXS = "IQ3_XXS"
+    IQ2_M = "IQ2_M"
+    IQ2_S = "IQ2_S"
+    IQ2_XS = "IQ2_XS"
+    IQ2_XXS = "IQ2_XXS"
+    IQ1_M = "IQ1_M"
+    IQ1_S = "IQ1_S"
+
+
+# Types llama-quantize refuses to make without an importance matrix: their tensors' types need one
+# (llama.cpp's src/llama-quant.cpp, tensor_requires_imatrix: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_M,
+# IQ1_S, and the Q2_K tensors of a Q2_K_S file; IQ2_M and IQ1_M files are mostly such tensors).
+NEEDS_IMATRIX = frozenset(
+    {
+        GgufQuantType.IQ3_XXS,
+        GgufQuantType.IQ2_M,
+        GgufQuantType.IQ2_S,
+        GgufQuantType.IQ2_XS,
+        GgufQuantType.IQ2_XXS,
+        GgufQuantType.IQ1_M,
+        GgufQuantType.IQ1_S,
+        GgufQuantType.Q2_K_S,
+    }
+)
 
 
 @dataclass
@@ -217,6 +249,11 @@ class GgufMethod(Method):
     env = envs.LLAMACPP
 
     def check(self, cfg: Config) -> None:
+        if cfg.quant_type in NEEDS_IMATRIX and not cfg.imatrix:
+            raise QsweepError(
+                f"method.quant_type={cfg.quant_type.value} needs an importance matrix (llama-quantize "
+                "refuses it without one): set method.imatrix=true"
+            )
         if cfg.imatrix:
             check_holds(cfg.imatrix_text, cfg.imatrix_ctx, "method.imatrix_ctx")  # one chunk at least
 

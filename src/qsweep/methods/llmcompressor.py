@@ -1,6 +1,7 @@
-"""HF-format quantization with llm-compressor (`method=gptq`, `awq`, `fp8`, or a recipe file), or
-GPTQ through GPTQModel (`method.backend=gptqmodel`), run in the quantize stage environment.
-Output: a compressed-tensors checkpoint with recipe.yaml (GPTQModel: the classic GPTQ format)."""
+"""HF-format quantization with llm-compressor (`method=gptq`, `awq`, `fp8`, `w8a8`,
+`w8a8-smoothquant`, or a recipe file), or GPTQ through GPTQModel (`method.backend=gptqmodel`), run
+in the quantize stage environment. Output: a compressed-tensors checkpoint with recipe.yaml
+(GPTQModel: the classic GPTQ format)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class Config:
     group_size: int | None = 128
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str | None = None  # a llm-compressor recipe YAML; replaces algorithm/scheme/group_size/ignore
+    # SmoothQuant before quantizing (W8A8): how much of the activations' outliers moves into the
+    # weights (0-1; llm-compressor's smoothing_strength); None: no smoothing.
+    smoothing_strength: float | None = None
     backend: Backend = Backend.llmcompressor
     # The sweep's shared calibration settings (top-level `calibration`) unless overridden here.
     calibration: Any = "${calibration}"
@@ -81,6 +85,13 @@ def check(cfg: Config) -> None:
         raise QsweepError(
             f"method.backend=gptqmodel runs GPTQ only, not {cfg.algorithm.value}: use method=gptq"
         )
+    if cfg.smoothing_strength is not None and not 0 < cfg.smoothing_strength < 1:
+        raise QsweepError(
+            f"method.smoothing_strength={cfg.smoothing_strength} must be between 0 and 1 (SmoothQuant's "
+            "usual 0.8), or null for no smoothing"
+        )
+    if cfg.smoothing_strength is not None and (cfg.recipe or cfg.algorithm is Algorithm.rtn):
+        raise QsweepError("method.smoothing_strength needs calibration (gptq or awq) and no recipe file")
     if cfg.recipe and not Path(cfg.recipe).expanduser().is_file():
         raise QsweepError(f"recipe '{cfg.recipe}' does not exist: fix method.recipe")
     if needs_calibration(cfg):
@@ -176,6 +187,8 @@ def artifact_key(cfg: Config, model_fingerprint: str, calibration_sha: str | Non
         "seq_len": cfg.calibration.seq_len if calibrated else None,
         "llmcompressor": versions.get("llmcompressor"),
         "compressed-tensors": versions.get("compressed-tensors"),
+        # only where set, so that the keys of checkpoints made before the setting existed stay valid
+        **({"smoothing_strength": cfg.smoothing_strength} if cfg.smoothing_strength is not None else {}),
     }
 
 
@@ -198,6 +211,7 @@ def quantize(cfg: Config, model: PreparedModel, ctx: JobContext) -> Artifact:
             "scheme": cfg.scheme,
             "group_size": cfg.group_size,
             "ignore": list(cfg.ignore),
+            "smoothing_strength": cfg.smoothing_strength,
             "recipe": str(recipe) if recipe else None,
             "calibration": str(calibration_path) if calibration_path else None,
             "num_samples": cfg.calibration.num_samples if calibration_path else 0,

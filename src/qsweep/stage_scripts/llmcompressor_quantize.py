@@ -2,7 +2,8 @@
 
 Runs inside the quantize stage environment; imports nothing from qsweep. Reads a JSON spec:
   {"model": dir, "out": dir, "algorithm": "gptq"|"awq"|"rtn", "scheme": "W4A16", "group_size": 128|null,
-   "ignore": [...], "recipe": path|null, "calibration": jsonl of {"text": ...}|null,
+   "ignore": [...], "smoothing_strength": 0.8|null, "recipe": path|null,
+   "calibration": jsonl of {"text": ...}|null,
    "num_samples": int, "seq_len": int,
    "summary_out": path}
 Writes the compressed-tensors checkpoint (with recipe.yaml) to `out` and a summary JSON to `summary_out`.
@@ -55,10 +56,20 @@ def effective_group_size(model, requested: int | None, ignore: list[str]) -> int
 
 
 def build_recipe(spec: dict):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
-
+    """The recipe file, or the quantization modifier, preceded by SmoothQuant where asked."""
     if spec["recipe"]:
         return spec["recipe"]
+    quantization = quantization_modifier(spec)
+    if spec.get("smoothing_strength") is None:
+        return quantization
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    return [SmoothQuantModifier(smoothing_strength=spec["smoothing_strength"]), quantization]
+
+
+def quantization_modifier(spec: dict):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
+
     scheme = spec["scheme"]
     ignore = list(spec["ignore"])
     targets = ["Linear"]
