@@ -173,7 +173,9 @@ class FakeScoringServed(FakeApiServed):
     def noise(self) -> float:
         return json.loads(self.artifact.path.read_text())["noise"] if self.artifact.format == "fake" else 0.0
 
-    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+    def tokenize(
+        self, text: Path, timeout_s: float, compare_tokens: int = 0, max_tokens: int = 0
+    ) -> Tokenized:
         words = text.read_text(encoding="utf-8", errors="replace").split()[:20000]
         return Tokenized([2 + zlib.crc32(w.encode()) % (VOCAB - 2) for w in words], bos=1)
 

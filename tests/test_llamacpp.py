@@ -241,8 +241,9 @@ def test_kl_divergence_matches_llama_perplexity(f16, q4_k_m, ctx, llamacpp_env, 
     report = ctx.log("kld-q4.log").read_text()
     mean = float(re.search(r"Mean\s+KLD:\s+([\d.]+)", report).group(1))
     same_top = float(re.search(r"Same top p:\s+([\d.]+)", report).group(1)) / 100
-    assert abs(ours["kld_mean"] - mean) / mean < 0.10, (ours, mean)
-    assert abs(ours["top1_agreement"] - same_top) < 0.02, (ours, same_top)
+    # evaluated as llama-perplexity evaluates: 0.2% apart (float16 storage of both distributions)
+    assert abs(ours["kld_mean"] - mean) / mean < 0.01, (ours, mean)
+    assert abs(ours["top1_agreement"] - same_top) < 1e-4, (ours, same_top)
     assert 0 < ours["kld_median"] < ours["kld_mean"] < ours["kld_p99"]
 
 
@@ -313,17 +314,22 @@ def _server_pids(model: Path) -> list[int]:
 @pytest.mark.parametrize("cache", ["q8_0", "q4_0"])
 def test_kv_cache_types_reach_the_scoring_path_as_llama_perplexity_has_them(cache, f16, ctx, llamacpp_env):
     """engine.cache_type_k/v (flash attention on, which a quantized V cache needs) on the f16 GGUF:
-    qsweep's perplexity equals llama-perplexity's with the same cache flags, and the quantized
-    cache's cost is larger than that agreement, so a setting that did not arrive would fail."""
+    the server is started with it and the scoring path keeps its cache in it (its log says so), qsweep's
+    perplexity equals llama-perplexity's with the same cache flags, and q4_0's cost is larger than
+    that agreement (q8_0's is not: 12.9314 against 12.9313 with f16)."""
     cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=MAX_TOKENS)
     kv = llamacpp.KvCacheType(cache)
     engine_cfg = llamacpp.Config(cache_type_k=kv, cache_type_v=kv)
+    ctx.log("scoring.log").unlink(missing_ok=True)
     with llamacpp.serve(engine_cfg, f16, ctx) as served:
         assert f"-ctk {cache} -ctv {cache} -fa on" in " ".join(served.process.args)
         ours = ppl.Perplexity().run(cfg, served, ctx).metrics["ppl"]
+    scoring = ctx.log("scoring.log").read_text()  # llama.cpp's own line on the cache it made
+    assert re.search(rf"K \({cache}\):.*V \({cache}\):", scoring), scoring[-2000:]
     flags = ["-ctk", cache, "-ctv", cache, "-fa", "on"]
     text = source_file(cfg.text)
     reference = reference_perplexity(llamacpp_env, f16.path, text, ctx.log(f"ref-kv-{cache}.log"), flags)
     plain = reference_perplexity(llamacpp_env, f16.path, text, ctx.log("ref-kv-f16.log"), ["-fa", "on"])
     assert abs(ours - reference) / reference < 5e-4, (ours, reference)
-    assert abs(reference - plain) / plain > 2e-3, (reference, plain)  # the cache type changes the figure
+    if cache == "q4_0":
+        assert abs(reference - plain) / plain > 2e-3, (reference, plain)  # the cache type moves the figure

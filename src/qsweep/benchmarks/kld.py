@@ -61,7 +61,9 @@ class KlDivergence(Benchmark):
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)
         text, _ = materialize(cfg.text, ctx.artifact_cache)
-        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s)
+        tokenized = served.tokenize(
+            text, timeout_s=cfg.timeout_s, max_tokens=cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
+        )
         chunks = make_chunks(tokenized.tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
         if not chunks:
             raise QsweepError(f"text '{cfg.text.name}' is shorter than n_ctx={cfg.n_ctx}: use a longer text")

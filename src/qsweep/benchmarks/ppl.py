@@ -80,7 +80,7 @@ class Perplexity(Benchmark):
         self.check(cfg)
         text, _ = materialize(cfg.text, ctx.artifact_cache)
         budget = cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
-        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget)
+        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget, max_tokens=budget)
         tokens = tokenized.tokens
         chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
         if not chunks:

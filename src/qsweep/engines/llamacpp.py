@@ -107,13 +107,16 @@ class LlamaCppServed(ServedModel):
         finally:
             out.unlink(missing_ok=True)
 
-    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+    def tokenize(
+        self, text: Path, timeout_s: float, compare_tokens: int = 0, max_tokens: int = 0
+    ) -> Tokenized:
         """Token ids of a text as llama.cpp makes them, and the BOS id if the model adds one; with
         `compare_tokens`, also how the source model's transformers tokenizer splits that many tokens."""
         compare = []
         if compare_tokens and self.artifact.hf_tokenizer is not None:
             compare = ["--hf-tokenizer", self.artifact.hf_tokenizer, "--compare-tokens", str(compare_tokens)]
-        result = self._score_script("tokenize", "--text", text, *compare, timeout_s=timeout_s)
+        limit = ["--max-tokens", str(max_tokens)] if max_tokens else []
+        result = self._score_script("tokenize", "--text", text, *compare, *limit, timeout_s=timeout_s)
         return Tokenized(result["tokens"], result["bos"], result.get("hf_compare"))
 
     def full_logprobs(self, chunks: list[list[int]], first: int, npy: Path, timeout_s: float) -> None:

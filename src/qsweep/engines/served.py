@@ -45,10 +45,14 @@ class ChatEndpoint(Protocol):
 class Tokenizes(Protocol):
     """tokenization with the engine's own tokenizer"""
 
-    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+    def tokenize(
+        self, text: Path, timeout_s: float, compare_tokens: int = 0, max_tokens: int = 0
+    ) -> Tokenized:
         """Token ids of a text file as the engine makes them, and the BOS id if the model adds one.
         With `compare_tokens`, engines whose vocabulary is not the transformers one also say how
-        the transformers tokenizer splits that many tokens (`Tokenized.hf_compare`)."""
+        the transformers tokenizer splits that many tokens (`Tokenized.hf_compare`). With
+        `max_tokens`, at least the first that many (all where the text has fewer): an engine may
+        stop tokenizing there."""
         ...
 
 

@@ -68,7 +68,9 @@ class Config(EngineConfig):
 class VllmServed(ServedModel):
     """A running vLLM OpenAI server; requests name the model by its path."""
 
-    def tokenize(self, text: Path, timeout_s: float, compare_tokens: int = 0) -> Tokenized:
+    def tokenize(
+        self, text: Path, timeout_s: float, compare_tokens: int = 0, max_tokens: int = 0
+    ) -> Tokenized:
         """Token ids from the server's tokenizer (the transformers one, so nothing to compare)."""
         tokens = self.request(
             "/tokenize", {"prompt": text.read_text(encoding="utf-8"), "add_special_tokens": True}, timeout_s

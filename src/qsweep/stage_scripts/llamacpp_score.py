@@ -40,7 +40,7 @@ def tokenize(args: argparse.Namespace) -> dict:
     with open(args.text, "rb") as f:
         text = f.read()
     # Same call as llama-perplexity's common_tokenize(ctx, text, add_special=true, parse_special=false).
-    tokens = llm.tokenize(text, add_bos=True, special=False)
+    tokens = first_tokens(llm, text, args.max_tokens)
     bos = llm.token_bos() if llm._model.add_bos_token() else None
     result = {"tokens": tokens, "bos": bos}
     if args.hf_tokenizer:
@@ -49,16 +49,39 @@ def tokenize(args: argparse.Namespace) -> dict:
     return result
 
 
+def first_tokens(llm, text: bytes, wanted: int) -> list[int]:
+    """The text's tokens, or (with `wanted`) its first `wanted`: a prefix of the text is tokenized,
+    grown until it gives 64 tokens more than wanted, and those last ones, which the cut could have
+    split differently, are dropped. A 1.3 MB text is 579k tokens; a perplexity run needs 8k."""
+    size = wanted * 8 + 4096 if wanted else len(text)  # bytes; English runs 4-5 per token
+    while True:
+        tokens = llm.tokenize(text[:size], add_bos=True, special=False)
+        if size >= len(text):
+            return tokens
+        if len(tokens) >= wanted + 64:
+            return tokens[:wanted]
+        size *= 2
+
+
 def compare_with_hf(llm, gguf_tokens: list[int], hf_dir: str) -> dict:
     """Where the transformers tokenizer splits the same text differently from llama.cpp: the two
     engines then score different token sequences, so their perplexities differ slightly."""
     import difflib
+    from pathlib import Path
 
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(hf_dir)
     text = llm.detokenize(gguf_tokens).decode("utf-8", errors="ignore")
-    hf_tokens = hf(text, add_special_tokens=False)["input_ids"]
+    if (Path(hf_dir) / "tokenizer.json").is_file():
+        # the fast tokenizer's own file, through the `tokenizers` library that transformers wraps:
+        # the same ids, without transformers' 3-4 s import in every perplexity stage
+        from tokenizers import Tokenizer
+
+        hf = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
+        hf_tokens = hf.encode(text, add_special_tokens=False).ids
+    else:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(hf_dir)
+        hf_tokens = hf(text, add_special_tokens=False)["input_ids"]
     matcher = difflib.SequenceMatcher(None, gguf_tokens, hf_tokens)
     spans = [op for op in matcher.get_opcodes() if op[0] != "equal"]
     # The text was cut at a llama.cpp token boundary: a difference in the last tokens is an artefact.
@@ -147,9 +170,11 @@ class BatchScorer:
 
 
 def scored_rows(args: argparse.Namespace, what: str):
-    """Per chunk: the chunk and the next-token log-softmax (float64, positions x vocabulary) at each
-    scored position `first` .. len-2, evaluated as llama-perplexity does (several chunks per decode,
-    each its own sequence, logits only where scored)."""
+    """Per chunk: the chunk, the logits (float32, positions x vocabulary) at each scored position
+    `first` .. len-2 and each row's log-sum-exp (float64), evaluated as llama-perplexity does
+    (several chunks per decode, each its own sequence, logits only where scored). A token's
+    log-prob is its logit minus the row's log-sum-exp, computed as llama-perplexity computes it:
+    float32 exponentials summed in float64."""
     import numpy as np
 
     with open(args.chunks) as f:
@@ -163,9 +188,10 @@ def scored_rows(args: argparse.Namespace, what: str):
         for start in range(0, len(chunks), scorer.n_seq):
             group = chunks[start : start + scorer.n_seq]
             for chunk, logits in zip(group, scorer.logits(group, args.first), strict=True):
-                rows = logits[:-1].astype(np.float64)  # the last position predicts past the chunk
+                rows = logits[:-1]  # the last position predicts past the chunk
                 top = rows.max(axis=1, keepdims=True)
-                yield chunk, rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
+                total = np.exp(rows - top).sum(axis=1, dtype=np.float64, keepdims=True)
+                yield chunk, rows, top.astype(np.float64) + np.log(total)
             done += len(group)
             elapsed = time.monotonic() - started
             print(f"{what} chunk {done}/{len(chunks)} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
@@ -177,9 +203,10 @@ def score(args: argparse.Namespace) -> dict:
     import numpy as np
 
     out = []
-    for chunk, logp in scored_rows(args, "scored"):
+    for chunk, rows, lse in scored_rows(args, "scored"):
         targets = np.asarray(chunk[args.first + 1 :])
-        out.append(logp[np.arange(len(targets)), targets].tolist())
+        picked = rows[np.arange(len(targets)), targets].astype(np.float64)
+        out.append((picked - lse[:, 0]).tolist())
     return {"logprobs": out}
 
 
@@ -188,7 +215,11 @@ def logprobs(args: argparse.Namespace) -> dict:
     llama-perplexity keeps them for --kl-divergence."""
     import numpy as np
 
-    matrix = np.concatenate([logp.astype(np.float16) for _, logp in scored_rows(args, "log-probs of")])
+    parts = [
+        (rows - lse.astype(np.float32)).astype(np.float16)
+        for _, rows, lse in scored_rows(args, "log-probs of")
+    ]
+    matrix = np.concatenate(parts)
     np.save(args.npy, matrix)
     return {"shape": list(matrix.shape)}
 
@@ -208,6 +239,7 @@ def main() -> int:
     parser.add_argument("--cache-type-k", default="f16", help="the KV cache's K type (f16, q8_0, q4_0, ...)")
     parser.add_argument("--cache-type-v", default="f16", help="the V type; quantized needs --flash-attn")
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--max-tokens", type=int, default=0, help="tokenize: only the first N tokens")
     parser.add_argument("--hf-tokenizer")
     parser.add_argument("--compare-tokens", type=int, default=None)
     parser.add_argument("--out", required=True)
