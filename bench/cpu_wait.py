@@ -15,15 +15,11 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
-from qsweep.envs import LLAMACPP, CpuWait, default_home
-from qsweep.methods import gguf
-from qsweep.models import from_conf, prepare
+from smollm2 import bench_context, smollm2_gguf
+
+from qsweep.envs import LLAMACPP, CpuWait
 from qsweep.textdata import TextConfig, materialize
 
 REPEATS = 2
@@ -31,19 +27,8 @@ REPEATS = 2
 
 def main() -> None:
     chunks = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    home = default_home()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        ctx = JobContext(
-            ArtifactCache(home / "cache" / "artifacts"),
-            ArtifactCache(home / "cache" / "models"),
-            tmp,
-            home / "envs",
-        )
-        model = prepare(from_conf("smollm2-135m"), "smollm2-135m", ctx)
-        artifact = gguf.GgufMethod().build(
-            gguf.Config(quant_type=gguf.GgufQuantType.Q4_K_M), model, "gguf", ctx
-        )
+    with bench_context() as ctx:
+        artifact = smollm2_gguf(ctx)
         text, _ = materialize(TextConfig(), ctx.artifact_cache)
 
         def run(wait: CpuWait, at_once: int) -> float:

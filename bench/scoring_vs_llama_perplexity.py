@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import re
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from smollm2 import bench_context, smollm2_gguf
 
 from qsweep import procs
 from qsweep.benchmarks import ppl
-from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
 from qsweep.engines import llamacpp
-from qsweep.envs import LLAMACPP, default_home
-from qsweep.methods import baseline, gguf
-from qsweep.models import from_conf, prepare
+from qsweep.envs import LLAMACPP
 from qsweep.textdata import TextConfig, source_file
 
 N_CTX = 512
@@ -31,23 +27,10 @@ N_CTX = 512
 
 def main() -> None:
     chunks = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-    home = default_home()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        ctx = JobContext(
-            ArtifactCache(home / "cache" / "artifacts"),
-            ArtifactCache(home / "cache" / "models"),
-            tmp,
-            home / "envs",
-        )
+    with bench_context() as ctx:
         env = ctx.stage_env(LLAMACPP)
-        model = prepare(from_conf("smollm2-135m"), "smollm2-135m", ctx)
-        files = {
-            "f16": baseline.BaselineMethod().build(baseline.Config(), model, "gguf", ctx),
-            "Q4_K_M": gguf.GgufMethod().build(
-                gguf.Config(quant_type=gguf.GgufQuantType.Q4_K_M), model, "gguf", ctx
-            ),
-        }
+        tmp = ctx.log_dir
+        files = {"f16": smollm2_gguf(ctx, None), "Q4_K_M": smollm2_gguf(ctx, "Q4_K_M")}
         cfg = ppl.Config(text=TextConfig(), n_ctx=N_CTX, max_tokens=chunks * N_CTX)
         print(f"perplexity, {chunks} x {N_CTX} tokens of Wikipedia text, SmolLM2:")
         for name, artifact in files.items():

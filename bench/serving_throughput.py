@@ -15,18 +15,14 @@ import math
 import os
 import re
 import sys
-import tempfile
-from pathlib import Path
+
+from smollm2 import bench_context, smollm2_gguf
 
 from qsweep import procs
 from qsweep.benchmarks import perf
-from qsweep.cache import ArtifactCache
-from qsweep.context import JobContext
 from qsweep.engines import llamacpp
 from qsweep.engines.served import Load
-from qsweep.envs import LLAMACPP, default_home
-from qsweep.methods import gguf
-from qsweep.models import from_conf, prepare
+from qsweep.envs import LLAMACPP
 
 OUTPUT_TOKENS = 128
 REPEATS = 5  # run to run, c4/c1 moved between 1.45 and 1.65: report the spread
@@ -34,20 +30,10 @@ REPEATS = 5  # run to run, c4/c1 moved between 1.45 and 1.65: report the spread
 
 def main() -> None:
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else (os.cpu_count() or 1)
-    home = default_home()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        ctx = JobContext(
-            ArtifactCache(home / "cache" / "artifacts"),
-            ArtifactCache(home / "cache" / "models"),
-            tmp,
-            home / "envs",
-        )
+    with bench_context() as ctx:
+        tmp = ctx.log_dir
         env = ctx.stage_env(LLAMACPP)
-        model = prepare(from_conf("smollm2-135m"), "smollm2-135m", ctx)
-        artifact = gguf.GgufMethod().build(
-            gguf.Config(quant_type=gguf.GgufQuantType.Q4_K_M), model, "gguf", ctx
-        )
+        artifact = smollm2_gguf(ctx)
         bench_log = tmp / "llama-bench.log"
         procs.run(
             [env.tool("llama-bench"), "-m", artifact.path, "-p", "0", "-n", OUTPUT_TOKENS, "-t", threads,

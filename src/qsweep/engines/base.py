@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from qsweep import envs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
@@ -49,6 +50,24 @@ def check_common(cfg: EngineConfig) -> None:
     if low:
         name, value, minimum = low
         raise QsweepError(f"engine.{name}={value} must be at least {minimum:g}")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def chosen_device(setting: str) -> str:
+    """An engine's `device` setting made concrete: auto is a CUDA GPU where one is, else the CPU;
+    an unknown one is refused at pre-flight."""
+    if setting not in DEVICES:
+        raise QsweepError(f"engine.device={setting} must be auto, cpu or cuda")
+    return ("cuda" if envs.has_cuda_gpu() else "cpu") if setting == "auto" else setting
+
+
+def cuda_missing(setting: str) -> str | None:
+    """Why a `device` setting cannot be served here (cuda asked for, no CUDA GPU), or None."""
+    if setting == "cuda" and not envs.has_cuda_gpu():
+        return "engine.device=cuda, and this machine has no CUDA GPU"
+    return None
 
 
 class Engine(ABC):

@@ -19,7 +19,7 @@ from pathlib import Path
 from qsweep import envs, procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.base import ENGINES, Engine, EngineConfig
+from qsweep.engines.base import ENGINES, Engine, EngineConfig, chosen_device, cuda_missing
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 from qsweep.settings import at_least, quantizes, speed_only
@@ -158,14 +158,10 @@ class LlamaCppEngine(Engine):
             )
 
     def unavailable(self, cfg: Config) -> str | None:
-        if cfg.device == "cuda" and not envs.has_cuda_gpu():
-            return "engine.device=cuda, and this machine has no CUDA GPU"
-        return None
+        return cuda_missing(cfg.device)
 
     def device(self, cfg: Config) -> str:
-        if cfg.device not in ("auto", "cpu", "cuda"):
-            raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
-        return "cuda" if on_gpu(cfg) else "cpu"
+        return "cuda" if chosen_device(cfg.device) == "cuda" and cfg.n_gpu_layers != 0 else "cpu"
 
     def gpus(self, cfg: Config) -> int:
         return cfg.gpus if on_gpu(cfg) else 0
@@ -191,8 +187,7 @@ class LlamaCppEngine(Engine):
 
 def on_gpu(cfg: Config) -> bool:
     """Whether the server runs on a GPU: asked for, or `auto` where one is (and layers go there)."""
-    wanted = cfg.device == "cuda" or (cfg.device == "auto" and envs.has_cuda_gpu())
-    return wanted and cfg.n_gpu_layers != 0
+    return LlamaCppEngine().device(cfg) == "cuda"
 
 
 def flash_attn(cfg: Config) -> bool:

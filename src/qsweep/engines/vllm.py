@@ -16,7 +16,7 @@ from pathlib import Path
 from qsweep import envs, procs
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
-from qsweep.engines.base import ENGINES, Engine, EngineConfig
+from qsweep.engines.base import ENGINES, Engine, EngineConfig, chosen_device, cuda_missing
 from qsweep.engines.served import Load, ServedModel, Tokenized
 from qsweep.errors import QsweepError
 from qsweep.settings import at_least, neutral, quantizes, speed_only
@@ -131,14 +131,10 @@ class VllmEngine(Engine):
             )
 
     def unavailable(self, cfg: Config) -> str | None:
-        if cfg.device == "cuda" and not envs.has_cuda_gpu():
-            return "engine.device=cuda, and this machine has no CUDA GPU"
-        return None
+        return cuda_missing(cfg.device)
 
     def device(self, cfg: Config) -> str:
-        if cfg.device not in ("auto", "cpu", "cuda"):
-            raise QsweepError(f"engine.device={cfg.device} must be auto, cpu or cuda")
-        return ("cuda" if envs.has_cuda_gpu() else "cpu") if cfg.device == "auto" else cfg.device
+        return chosen_device(cfg.device)
 
     def gpus(self, cfg: Config) -> int:
         return cfg.tensor_parallel_size if self.device(cfg) == "cuda" else 0
