@@ -153,6 +153,27 @@ LLAMA_CMAKE_ARGS = (  # after the CPU target's flag (CPU_TARGETS)
     "-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF"
 )
 LLAMA_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
+# llama.cpp tools qsweep never runs, left out of the build (their add_subdirectory lines in the
+# extracted sdist's tools/CMakeLists.txt are commented out). llama-server needs mtmd and the UI
+# target, which stay.
+UNUSED_TOOLS = (
+    "batched-bench", "gguf-split", "completion", "cli", "tokenize", "tts", "cvector-generator",
+    "export-lora", "fit-params", "results",
+)  # fmt: skip
+
+
+def leave_out_unused_tools(src: Path) -> None:
+    """Comment out the tools qsweep does not use in the sdist's llama.cpp (idempotent)."""
+    cmake = src / "vendor" / "llama.cpp" / "tools" / "CMakeLists.txt"
+    text = cmake.read_text()
+    for tool in UNUSED_TOOLS:
+        text = re.sub(
+            rf"^(\s*)add_subdirectory\({re.escape(tool)}\)\s*$",
+            rf"\1# left out by qsweep: add_subdirectory({tool})",
+            text,
+            flags=re.M,
+        )
+    cmake.write_text(text)
 
 
 @functools.cache
@@ -309,6 +330,7 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
         build.mkdir(parents=True, exist_ok=True)
         with tarfile.open(sdist) as tar:
             tar.extractall(build, filter="data")
+    leave_out_unused_tools(src)
     cmake_args = llama_cmake_args()
     log_.info("  compiling llama.cpp (about 5 min on 2 cores; log: %s)", log)
     procs.run(
@@ -392,7 +414,7 @@ LLAMACPP = StageEnvSpec(
     "llamacpp",
     key_packages=("torch", "transformers", "llama_cpp_python"),
     build=build_llamacpp,
-    extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args(),
+    extra_hash=lambda: LLAMA_CPP_PYTHON + llama_cmake_args() + " without " + ",".join(UNUSED_TOOLS),
 )
 QUANTIZE = StageEnvSpec(
     "quantize",
