@@ -22,7 +22,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qsweep import config, devices, dryrun, job, logs, tracking
 from qsweep.errors import QsweepError
-from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job, sweep_label, swept_keys
+from qsweep.plan import (
+    JobPlan,
+    benchmark_order,
+    given_keys,
+    plan_job,
+    sweep_label,
+    sweep_overrides,
+    swept_keys,
+)
 from qsweep.sweep import SweepFailed
 
 log = logging.getLogger(__name__)
@@ -70,17 +78,11 @@ def sweep_hydra(overrides: list[str]) -> DictConfig:
 def expand_jobs(overrides: list[str], multirun: bool, hydra_cfg: DictConfig | None = None) -> list[list[str]]:
     """The override list of every job the sweep will run (the BasicSweeper's cartesian product);
     `hydra_cfg` is `sweep_hydra(overrides)` where the caller has it already."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not multirun:
         return [overrides]
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    params = (hydra_cfg if hydra_cfg is not None else sweep_hydra(overrides)).sweeper.params or {}
-    given = {o.get_key_element().lstrip("+~") for o in parsed}
-    extra = [f"{k}={v}" for k, v in params.items() if k not in given]
+    params = (hydra_cfg if hydra_cfg is not None else sweep_hydra(overrides)).sweeper.params
     choices = []
-    for o in parser.parse_overrides(overrides + extra):
+    for o in sweep_overrides(overrides, params):
         if o.is_sweep_override():
             choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
@@ -123,6 +125,11 @@ def preflight(overrides: list[str], multirun: bool) -> list[JobPlan]:
             raise QsweepError(_unselected(overrides)) from None
 
 
+def launcher_target(hydra_cfg: DictConfig | None) -> str:
+    """The launcher's class path ('...submitit_launcher.LocalLauncher'), '' without a sweep."""
+    return str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg is not None else ""
+
+
 def launcher_slots(hydra_cfg: DictConfig) -> tuple[str, int]:
     """The sweep's launcher (from `sweep_hydra`) and how many jobs it runs at once on this machine
     (1: one after another, or each on a node of its own as under SLURM)."""
@@ -134,7 +141,7 @@ def launcher_slots(hydra_cfg: DictConfig) -> tuple[str, int]:
     if "n_jobs" in launcher:  # joblib: -1 all cores, -2 all but one, ...
         n_jobs = launcher.n_jobs if launcher.n_jobs is not None else 1
         return name, n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
-    if str(launcher.get("_target_", "")).endswith(".LocalLauncher"):
+    if launcher_target(hydra_cfg).endswith(".LocalLauncher"):
         return name, sys.maxsize  # submitit's local processes start together (array_parallelism is SLURM's)
     return name, 1
 
@@ -142,8 +149,7 @@ def launcher_slots(hydra_cfg: DictConfig) -> tuple[str, int]:
 def runs_elsewhere(hydra_cfg: DictConfig | None) -> bool:
     """The launcher runs the jobs on other machines (SLURM's nodes), whose GPUs and hub access
     this one cannot judge."""
-    target = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg is not None else ""
-    return target.endswith(".SlurmLauncher")
+    return launcher_target(hydra_cfg).endswith(".SlurmLauncher")
 
 
 def check_gpus(plans: list[JobPlan], slots: tuple[str, int], hydra_cfg: DictConfig | None = None) -> None:
@@ -154,15 +160,10 @@ def check_gpus(plans: list[JobPlan], slots: tuple[str, int], hydra_cfg: DictConf
     if not running:
         return
     visible = devices.visible(running[0].gpu_slots.ids)
-    launcher = hydra_cfg.launcher if hydra_cfg is not None else {}
-    if (
-        visible
-        and running[0].gpu_slots.ids is None
-        and str(launcher.get("_target_", "")).endswith(".LocalLauncher")
-    ):
+    if visible and running[0].gpu_slots.ids is None and launcher_target(hydra_cfg).endswith(".LocalLauncher"):
         # submitit gives every local job the first gpus_per_node devices (none by default); qsweep
         # then gives each job its own among them
-        visible = visible[: launcher.get("gpus_per_node") or 0]
+        visible = visible[: hydra_cfg.launcher.get("gpus_per_node") or 0]
         if not visible:
             raise QsweepError(
                 "hydra/launcher=submitit_local shows its jobs no GPU unless told: set "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -45,18 +46,14 @@ class GpuSlotsConfig:
     lock_dir: str = f"${{oc.env:TMPDIR,/tmp}}/qsweep-gpu-slots-{os.getuid()}"
 
 
+@functools.cache
 def nvidia_gpus() -> list[tuple[str, str]]:
-    """(index, UUID) of each GPU nvidia-smi lists; [] where there is none."""
-    from qsweep import envs
+    """(index, UUID) of each GPU nvidia-smi lists; [] where there is none. Asked once per process:
+    the pre-flight and every job want it."""
+    from qsweep import envs, procs
 
     if not envs.has_cuda_gpu():
         return []
-    return _nvidia_gpus()
-
-
-def _nvidia_gpus() -> list[tuple[str, str]]:
-    from qsweep import procs
-
     listing = procs.output(["nvidia-smi", "-L"], timeout_s=20)
     return re.findall(r"^GPU (\d+):.*\(UUID: (\S+?)\)", listing, flags=re.M)
 
@@ -159,12 +156,9 @@ def claim(
 
 
 @contextlib.contextmanager
-def visible_only(devices: list[str] | None) -> Iterator[None]:
+def visible_only(devices: list[str]) -> Iterator[None]:
     """CUDA_VISIBLE_DEVICES names exactly `devices` for the block (every tool started in it
-    inherits that), then is restored; None leaves it alone."""
-    if devices is None:
-        yield
-        return
+    inherits that), then is restored."""
     before = os.environ.get(VISIBLE)
     os.environ[VISIBLE] = ",".join(devices)
     try:

@@ -183,15 +183,20 @@ NAMED_BY_CHOICE = frozenset({"model", "method", "engine"})  # already in a job's
 def swept_keys(overrides: list[str], sweeper_params: Mapping[str, Any] | None) -> frozenset[str]:
     """The keys a sweep gives several values, from its command line and its sweeper's params,
     besides the model, method and engine options (which every job's name already says)."""
+    keys = {o.get_key_element().lstrip("+~") for o in sweep_overrides(overrides, sweeper_params)
+            if o.is_sweep_override()}  # fmt: skip
+    return frozenset(k for k in keys if k not in NAMED_BY_CHOICE and not k.startswith("hydra"))
+
+
+def sweep_overrides(overrides: list[str], sweeper_params: Mapping[str, Any] | None) -> list:
+    """A sweep's overrides, parsed, with its sweeper's params where the command line does not set
+    the key (as Hydra's BasicSweeper merges them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     given = {o.get_key_element().lstrip("+~") for o in parser.parse_overrides(overrides)}
-    # the sweeper's params apply where the command line does not set the key (as Hydra does)
     params = [f"{k}={v}" for k, v in (sweeper_params or {}).items() if k not in given]
-    parsed = parser.parse_overrides([*overrides, *params])
-    keys = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
-    return frozenset(k for k in keys if k not in NAMED_BY_CHOICE and not k.startswith("hydra"))
+    return parser.parse_overrides([*overrides, *params])
 
 
 def sweep_label(job_overrides: list[str], swept: frozenset[str]) -> str:
