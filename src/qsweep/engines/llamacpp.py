@@ -96,7 +96,7 @@ class LlamaCppServed(ServedModel):
                     "--cache-type-v",
                     self.cfg.cache_type_v.value,
                     "--flash-attn",
-                    "on" if flash_attn(self.cfg) else self.cfg.flash_attn.value,
+                    flash_attn(self.cfg),
                 ],
                 log_path=self.ctx.log("scoring.log"),
                 timeout_s=timeout_s,
@@ -161,7 +161,7 @@ class LlamaCppEngine(Engine):
         return cuda_missing(cfg.device)
 
     def device(self, cfg: Config) -> str:
-        return "cuda" if chosen_device(cfg.device) == "cuda" and cfg.n_gpu_layers != 0 else "cpu"
+        return "cuda" if on_gpu(cfg) else "cpu"
 
     def gpus(self, cfg: Config) -> int:
         return cfg.gpus if on_gpu(cfg) else 0
@@ -187,14 +187,15 @@ class LlamaCppEngine(Engine):
 
 def on_gpu(cfg: Config) -> bool:
     """Whether the server runs on a GPU: asked for, or `auto` where one is (and layers go there)."""
-    return LlamaCppEngine().device(cfg) == "cuda"
+    return chosen_device(cfg.device) == "cuda" and cfg.n_gpu_layers != 0
 
 
-def flash_attn(cfg: Config) -> bool:
-    """Flash attention on: asked for, or `auto` with a quantized V cache."""
-    return cfg.flash_attn is FlashAttn.on or (
-        cfg.flash_attn is FlashAttn.auto and cfg.cache_type_v is not KvCacheType.f16
-    )
+def flash_attn(cfg: Config) -> str:
+    """Flash attention for server and scorer alike: on where the V cache is quantized (which
+    needs it) and the setting is auto, else the setting (auto: llama.cpp's own choice)."""
+    if cfg.flash_attn is FlashAttn.auto and cfg.cache_type_v is not KvCacheType.f16:
+        return FlashAttn.on.value
+    return cfg.flash_attn.value
 
 
 def gpu_layers(cfg: Config) -> int:
@@ -228,11 +229,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
         *(["--split-mode", cfg.split_mode.value] if on_gpu(cfg) and cfg.gpus > 1 else []),
         *(["-ctk", cfg.cache_type_k.value] if cfg.cache_type_k is not KvCacheType.f16 else []),
         *(["-ctv", cfg.cache_type_v.value] if cfg.cache_type_v is not KvCacheType.f16 else []),
-        *(
-            ["-fa", "on" if flash_attn(cfg) else "off"]
-            if cfg.flash_attn is not FlashAttn.auto or flash_attn(cfg)
-            else []
-        ),
+        *(["-fa", flash_attn(cfg)] if flash_attn(cfg) != FlashAttn.auto.value else []),
         *cfg.extra_args,
     ]
     started = time.monotonic()
