@@ -32,7 +32,18 @@ COMBINED = {g: [o for o in OPTIONS[g] if o not in [*LADDER, "w8a8-smoothquant"]]
 
 def test_every_group_has_options():
     assert OPTIONS["method"] == sorted(
-        ["awq", "fp8", "gguf-iq4_xs", "gguf-q4_k_m", "gptq", "none", "w8a8", "w8a8-smoothquant", *LADDER]
+        [
+            "awq",
+            "bnb-nf4",
+            "fp8",
+            "gguf-iq4_xs",
+            "gguf-q4_k_m",
+            "gptq",
+            "none",
+            "w8a8",
+            "w8a8-smoothquant",
+            *LADDER,
+        ]
     )
     assert "smollm2-135m" in OPTIONS["model"] and OPTIONS["engine"] == ["llamacpp", "vllm"]
 
@@ -140,6 +151,8 @@ def test_compatibility_matrix_on_cpu():
             assert (reason is None) == (method in expected_served[engine]), (method, engine, reason)
             if method.startswith("gguf") and engine == "vllm":
                 assert "no GGUF loader" in reason
+            if method == "bnb-nf4":  # tried: neither engine quantizes with bitsandbytes at load
+                assert ("no bitsandbytes" if engine == "vllm" else "GGUF files only") in reason
             assert (plan.caveat is not None) == ((method, engine) == ("fp8", "vllm"))
 
 
@@ -245,3 +258,23 @@ def test_w8a8_with_and_without_smoothquant():
     assert (smooth.method_cfg.scheme, smooth.method_cfg.smoothing_strength) == ("W8A8", 0.8)
     assert (plain.method_cfg.scheme, plain.method_cfg.smoothing_strength) == ("W8A8", None)
     assert smooth.fmt == plain.fmt == "hf" and not smooth.notes  # W8A8 has no group size to fit
+
+
+def test_lmeval_log_likelihood_tasks_are_left_out_at_pre_flight_where_prompt_log_probs_are_not_served():
+    """vLLM returns prompt log-probs over HTTP: every task runs. llama-server does not: its jobs keep
+    the generation tasks with a note, and a job of log-likelihood tasks only skips the benchmark."""
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        on_vllm = cli.plan_overrides(["method=none", "engine=vllm", "benchmark=[lmeval]"])
+        on_llamacpp = cli.plan_overrides(["method=none", "engine=llamacpp", "benchmark=[ppl,lmeval]"])
+        only_mc = cli.plan_overrides(
+            ["engine=llamacpp", "benchmark=[ppl,lmeval]", "benchmark.lmeval.tasks=[hellaswag,piqa]"]
+        )
+        with pytest.raises(QsweepError, match=r"no offline data for \['truthfulqa_mc2'\]"):
+            cli.plan_overrides(["benchmark=[lmeval]", "benchmark.lmeval.tasks=[truthfulqa_mc2]"])
+    assert on_vllm.benchmarks["lmeval"][1].tasks == ["hellaswag", "arc_challenge", "gsm8k"]
+    assert not on_vllm.notes
+    assert on_llamacpp.benchmarks["lmeval"][1].tasks == ["gsm8k"]
+    (note,) = on_llamacpp.notes
+    assert "['hellaswag', 'arc_challenge'] left out" in note and "prompt log-probs" in note
+    assert "lmeval" not in only_mc.benchmarks and "ppl" in only_mc.benchmarks
+    assert "prompt log-probs" in only_mc.skipped_benchmarks["lmeval"]

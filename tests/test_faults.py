@@ -69,10 +69,10 @@ def test_a_server_that_dies_or_stops_answering_mid_load_test_fails_the_job_and_t
     fault, tmp_path, cache, llamacpp_env
 ):
     """The first job's llama-server is SIGKILLed (or SIGSTOPped) during its load test; the job fails
-    with that reason within the engine's request timeout (30 s here), not evalscope's hour; the
+    with that reason within the engine's request timeout (10 s here), not evalscope's hour; the
     second job runs."""
     proc = start_own_group(tmp_path, "-m", *SHORT_PERF, "benchmark.perf.requests_per_level=60,1",
-                           "engine.request_timeout_s=30", cache=cache)  # fmt: skip
+                           "engine.request_timeout_s=10", cache=cache)  # fmt: skip
     seen: list[str] = []
     read_until(proc, "stage benchmark_perf ...", seen)
     time.sleep(3)  # evalscope is sending requests
@@ -160,8 +160,9 @@ def test_the_quantizer_killed_fails_the_job_and_leaves_no_half_written_entry(tmp
 
 
 def test_a_store_locked_by_another_writer_is_waited_out_and_nothing_is_lost(tmp_path):
-    """Another process holds the SQLite store's write lock for 30 s while a (fake) sweep records its
-    jobs: the calls wait, every job is recorded FINISHED with its results."""
+    """Another process holds the SQLite store's write lock for 30 s (past MLflow's 20 s SQLite busy
+    timeout) while a (fake) sweep records its jobs: the calls wait, every job is recorded FINISHED
+    with its results."""
     model = write_fake_checkpoint(tmp_path / "fake-model")
     args = ["-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]", "model=local",
             f"model.path={model}"]  # fmt: skip

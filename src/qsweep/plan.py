@@ -280,6 +280,7 @@ def plan_job(
     order = list(order)
     runnable: dict[str, tuple[Benchmark, Any]] = {}
     skipped: dict[str, str] = {}
+    notes: list[str] = []  # what pre-flight left out of a benchmark on this engine
     capabilities = engine.capabilities()
     shape = models.shape(model_cfg)
     for name in sorted(selected, key=lambda n: (order.index(n) if n in order else len(order), n)):
@@ -287,6 +288,12 @@ def plan_job(
         check_context(shape.context, model_name, name, benchmark, bench_cfg)  # the likelier cause first
         benchmark.check(bench_cfg)
         unmet = benchmark.unmet(capabilities)
+        if not unmet:
+            bench_cfg, left_out = benchmark.within(bench_cfg, capabilities)
+            if left_out:
+                notes.append(f"benchmark {name} on engine {engine_option}: {left_out}")
+            if bench_cfg is None:
+                unmet = left_out
         if unmet:
             skipped[name] = f"engine {engine_option} cannot run it: it {unmet}"
         else:
@@ -332,5 +339,5 @@ def plan_job(
         gpus=max(engine.gpus(fitted), method.gpus(method_cfg)) if slots.per_job is None else slots.per_job,
         cpu_wait=sections.get("cpu_wait", CpuWait.sleep),
     )
-    plan.notes = check_shape(plan, plan.shape)
+    plan.notes = notes + check_shape(plan, plan.shape)
     return plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -153,28 +153,39 @@ class Accuracy(Benchmark):
         """Per dataset, the primary metric's delta against the baseline (paired over the same samples),
         its 95% interval, a within-noise flag, the recovery ratio (this / baseline) and the answer
         flips (right -> wrong, wrong -> right)."""
-        metrics: dict[str, float] = {}
-        for name, scores in samples.items():
-            primary = primary_metric(name, scores)
-            if primary not in baseline.get(name, {}):
-                continue
-            cmp = stats.compare(scores[primary], baseline[name][primary])
-            low, high = cmp.ci95
-            to_wrong, to_right = stats.flips(scores[primary], baseline[name][primary])
-            metrics.update(
-                {
-                    f"{name}_base": stats.estimate(list(baseline[name][primary].values())).mean,
-                    f"{name}_delta": cmp.delta,
-                    f"{name}_delta_stderr": cmp.stderr,
-                    f"{name}_delta_ci_low": low,
-                    f"{name}_delta_ci_high": high,
-                    f"{name}_within_noise": float(cmp.within_noise),
-                    f"{name}_recovery": cmp.recovery,
-                    f"{name}_flips_to_wrong": float(to_wrong),
-                    f"{name}_flips_to_right": float(to_right),
-                }
-            )
-        return {k: v for k, v in metrics.items() if not math.isnan(v)}
+        return paired_comparison(samples, baseline, primary_metric)
+
+
+def paired_comparison(
+    samples: dict[str, dict[str, dict[str, float]]],
+    baseline: dict[str, dict[str, dict[str, float]]],
+    primary: Callable[[str, dict], str],
+) -> dict[str, float]:
+    """`<dataset>_delta` (with its stderr, 95% interval and within-noise flag), `_recovery`, `_base`
+    and answer flips, per dataset, from per-sample scores (dataset -> metric -> sample -> score) of
+    this job and the baseline; `primary(dataset, scores)` names the metric compared."""
+    metrics: dict[str, float] = {}
+    for name, scores in samples.items():
+        metric = primary(name, scores)
+        if metric not in baseline.get(name, {}):
+            continue
+        cmp = stats.compare(scores[metric], baseline[name][metric])
+        low, high = cmp.ci95
+        to_wrong, to_right = stats.flips(scores[metric], baseline[name][metric])
+        metrics.update(
+            {
+                f"{name}_base": stats.estimate(list(baseline[name][metric].values())).mean,
+                f"{name}_delta": cmp.delta,
+                f"{name}_delta_stderr": cmp.stderr,
+                f"{name}_delta_ci_low": low,
+                f"{name}_delta_ci_high": high,
+                f"{name}_within_noise": float(cmp.within_noise),
+                f"{name}_recovery": cmp.recovery,
+                f"{name}_flips_to_wrong": float(to_wrong),
+                f"{name}_flips_to_right": float(to_right),
+            }
+        )
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
@@ -191,14 +202,30 @@ def sample_scores(reviews: Path, dataset: str) -> dict[str, dict[str, float]]:
 
 
 def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
-    metrics: dict[str, float] = {}
     samples: dict[str, dict[str, dict[str, float]]] = {}
-    rows = []
     for name in datasets:
         scores = sample_scores(reviews, name)
         if not scores:
             raise QsweepError(f"evalscope wrote no per-sample scores for {name}: see logs/accuracy.log")
         samples[name] = scores
+    metrics, rows = score_metrics(samples, primary_metric)
+    return BenchmarkResult(
+        metrics=metrics,
+        tables={"accuracy_table.json": rows},
+        files={"accuracy": out / "reports"},
+        samples=samples,
+    )
+
+
+def score_metrics(
+    samples: dict[str, dict[str, dict[str, float]]], primary: Callable[[str, dict], str]
+) -> tuple[dict[str, float], list[dict]]:
+    """Metrics and table rows from per-sample scores (dataset -> metric -> sample -> score): each
+    metric's mean as `acc_<dataset>_<metric>` with `_stderr`, `_n` and its 95% interval, and the
+    dataset's headline `<dataset>` (`_stderr`, `_n`): its primary metric, which the report reads."""
+    metrics: dict[str, float] = {}
+    rows = []
+    for name, scores in samples.items():
         for metric, by_sample in scores.items():
             est = stats.estimate(list(by_sample.values()))
             low, high = stats.proportion_interval(list(by_sample.values()))
@@ -207,13 +234,8 @@ def summarize(reviews: Path, datasets: list[str], out: Path) -> BenchmarkResult:
             metrics.update({f"{prefix}_ci_low": low, f"{prefix}_ci_high": high})
             rows.append({"dataset": name, "metric": metric, "score": est.mean, "stderr": est.stderr,
                          "ci_low": low, "ci_high": high, "n": est.n})  # fmt: skip
-        primary = f"acc_{name}_{primary_metric(name, scores)}"
-        metrics[name] = metrics[primary]  # the dataset's headline: its primary metric
-        metrics[f"{name}_stderr"] = metrics[f"{primary}_stderr"]
-        metrics[f"{name}_n"] = metrics[f"{primary}_n"]
-    return BenchmarkResult(
-        metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
-        tables={"accuracy_table.json": rows},
-        files={"accuracy": out / "reports"},
-        samples=samples,
-    )
+        headline = f"acc_{name}_{primary(name, scores)}"
+        metrics[name] = metrics[headline]
+        metrics[f"{name}_stderr"] = metrics[f"{headline}_stderr"]
+        metrics[f"{name}_n"] = metrics[f"{headline}_n"]
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, rows

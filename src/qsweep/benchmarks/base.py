@@ -74,6 +74,12 @@ class Benchmark(ABC):
             return "needs " + " or ".join(describe(cap) for cap in self.requires_any)
         return None
 
+    def within(self, cfg: Any, capabilities: frozenset[type]) -> tuple[Any, str | None]:
+        """The part of its settings an engine with these capabilities can run (None: no part), and
+        why the rest is left out (None: nothing is); asked at pre-flight once `unmet` found no
+        capability missing. For a benchmark of several tasks that need different capabilities."""
+        return cfg, None
+
     @abstractmethod
     def run(self, cfg: Any, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         """Measure; per-sample data the baseline comparison needs goes in `BenchmarkResult.samples`."""

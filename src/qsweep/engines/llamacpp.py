@@ -146,6 +146,9 @@ class LlamaCppEngine(Engine):
 
     Config = Config
     formats = ("gguf",)
+    not_served = {
+        "hf-bitsandbytes": "llama.cpp loads GGUF files only, and bitsandbytes' NF4/FP4 have no GGUF type",
+    }
     env = envs.LLAMACPP
     served_type = LlamaCppServed
 

