@@ -288,14 +288,15 @@ def plan_job(
         check_context(shape.context, model_name, name, benchmark, bench_cfg)  # the likelier cause first
         benchmark.check(bench_cfg)
         unmet = benchmark.unmet(capabilities)
+        why = f"it {unmet}" if unmet else None
         if not unmet:
             bench_cfg, left_out = benchmark.within(bench_cfg, capabilities)
-            if left_out:
-                notes.append(f"benchmark {name} on engine {engine_option}: {left_out}")
             if bench_cfg is None:
-                unmet = left_out
-        if unmet:
-            skipped[name] = f"engine {engine_option} cannot run it: it {unmet}"
+                why = left_out
+            elif left_out:
+                notes.append(f"benchmark {name} on engine {engine_option}: {left_out}")
+        if why:
+            skipped[name] = f"engine {engine_option} cannot run it: {why}"
         else:
             runnable[name] = (benchmark, bench_cfg)
 

@@ -174,11 +174,9 @@ class LmEval(Benchmark):
                 str(write_task_configs(cfg.tasks, harness_tasks_dir(env), out / "tasks")),
             ]
             extra_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        samples = (
-            {tasks[name]: evenly_spaced_ids(name, cfg.limit) for name in cfg.tasks} if cfg.limit else None
-        )
-        if cfg.source is DataSource.hub and cfg.limit:
-            samples = None  # the hub's sizes are not known here: the harness's first `limit`
+        samples = None  # with a hub's data, whose sizes are not known here: the harness's first `limit`
+        if cfg.limit and cfg.source is DataSource.wheels:
+            samples = {tasks[name]: evenly_spaced_ids(name, cfg.limit) for name in cfg.tasks}
         model_args = {
             "model": served.model_name or "qsweep",
             "base_url": f"{served.api_base()}/completions",
