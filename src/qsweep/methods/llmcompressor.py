@@ -5,6 +5,7 @@ in the quantize stage environment. Output: a compressed-tensors checkpoint with 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -24,6 +25,7 @@ from qsweep.errors import QsweepError
 from qsweep.hfcheckpoint import checkpoint_stats
 from qsweep.methods.base import METHODS, Method, PlannedArtifact, planned_step
 from qsweep.models import ModelShape, PreparedModel
+from qsweep.stage_scripts.quantize_common import groups_weights
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,10 @@ class Backend(Enum):
 class Config:
     algorithm: Algorithm = MISSING
     scheme: str = "W4A16"  # a compressed-tensors preset: W4A16, W4A16_ASYM, W8A8, FP8_DYNAMIC, ...
-    # W4A16 only. Must divide the input widths of the model's linear layers: a value set on the
-    # command line that does not is refused; an option's own (gptq's 128) is lowered to the largest
-    # power of two that does, with a note (SmolLM2's 576 -> 64).
+    # Grouped presets only (the integer WxAy ones: W4A16, W8A16, ...; null: the preset's 128). Must
+    # divide the input widths of the model's linear layers: a value set on the command line that
+    # does not is refused; an option's own (gptq's 128) is lowered to the largest power of two
+    # that does, with a note (SmolLM2's 576 -> 64).
     group_size: int | None = 128
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     recipe: str | None = None  # a llm-compressor recipe YAML; replaces algorithm/scheme/group_size/ignore
@@ -101,8 +104,10 @@ def check(cfg: Config) -> None:
 def check_group_size(cfg: Config, shape: ModelShape, given: bool) -> list[str]:
     """A group size divides every quantized layer's input width, or is refused naming the nearest
     one that does (`given`: set on the command line) or lowered as the stage script lowers it."""
-    if cfg.recipe or cfg.group_size is None or not cfg.scheme.startswith("W4A16") or not shape.widths:
+    if cfg.recipe or not groups_weights(cfg.scheme) or not shape.widths:
         return []
+    # a grouped preset without a group size set groups by its own 128
+    cfg = dataclasses.replace(cfg, group_size=cfg.group_size or 128)
     common = math.gcd(*shape.widths)
     if common % cfg.group_size == 0:
         return []

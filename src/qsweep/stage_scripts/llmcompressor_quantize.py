@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from quantize_common import calibration_texts, write_summary
+from quantize_common import calibration_texts, groups_weights, write_summary
 
 
 def allow_awq_on_cpu() -> None:
@@ -73,11 +73,11 @@ def quantization_modifier(spec: dict):
     scheme = spec["scheme"]
     ignore = list(spec["ignore"])
     targets = ["Linear"]
-    if spec["group_size"] not in (None, 128) and scheme.startswith("W4A16"):
+    if spec["group_size"] not in (None, 128) and groups_weights(scheme):
         # A preset with a different group size: same scheme, group_size replaced.
         base: QuantizationScheme = preset_name_to_scheme(scheme, targets)
         weights: QuantizationArgs = base.weights.model_copy(update={"group_size": spec["group_size"]})
-        scheme = {"group_0": QuantizationScheme(targets=targets, weights=weights, input_activations=None)}
+        scheme = {"group_0": base.model_copy(update={"weights": weights})}
     if spec["algorithm"] == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
@@ -123,7 +123,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto")
     n_params = sum(p.numel() for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    if spec["scheme"].startswith("W4A16") and not spec["recipe"]:
+    if groups_weights(spec["scheme"]) and not spec["recipe"]:
         spec["group_size"] = effective_group_size(model, spec["group_size"] or 128, spec["ignore"])
     recipe = build_recipe(spec)
     kwargs, preview = {}, None

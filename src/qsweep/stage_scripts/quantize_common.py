@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import time
+
+
+def groups_weights(scheme: str) -> bool:
+    """Whether a compressed-tensors preset quantizes weights in groups (of 128 by default), which
+    must divide every quantized layer's input width: its integer WxAy presets (W4A16, W4A16_ASYM,
+    W8A16, W4A8, W4AFP8, ...), but not W8A8 / INT8, which are per channel."""
+    return scheme not in ("W8A8", "INT8") and re.fullmatch(r"W\dA(\d+|FP8)(_ASYM)?", scheme) is not None
 
 
 def calibration_texts(path: str, num_samples: int, tokenizer) -> list[str]:
