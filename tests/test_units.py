@@ -104,6 +104,37 @@ def test_run_timeout_kills_the_whole_process_group(tmp_path):
     assert not _alive(child), "the grandchild must die with its group"
 
 
+def test_set_up_compiles_alongside_the_installs_and_a_failure_there_stops_the_compile(tmp_path, monkeypatch):
+    """The compiling environment builds in a thread while the others build here; when one of these
+    fails (or Ctrl-C lands), the compile's tool is stopped at once, not waited for."""
+    pid_file = tmp_path / "compile.pid"
+    started = []
+
+    def fake_build(spec, envs_dir):
+        started.append(spec.name)
+        if spec.compiles:  # minutes of compiling, in its own process group
+            script = f"sleep 300 & echo $! > {pid_file}; wait"
+            procs.run(["sh", "-c", script], log_path=tmp_path / "compile.log", timeout_s=600, what="compile")
+        else:
+            while not pid_file.exists():  # the compile is under way beside this install
+                time.sleep(0.05)
+            raise QsweepError("install quantize-cpu.txt failed (exit 1)")
+
+    specs = {"slow": envs.StageEnvSpec("slow", compiles=True), "quick": envs.StageEnvSpec("quick")}
+    monkeypatch.setattr(envs, "stage_envs", lambda: specs)
+    monkeypatch.setattr(envs, "up_to_date", lambda spec, env: False)
+    monkeypatch.setattr(envs, "build_env", fake_build)
+    began = time.monotonic()
+    with pytest.raises(QsweepError, match="install quantize-cpu.txt failed"):
+        envs.setup(["slow", "quick"], tmp_path)
+    assert time.monotonic() - began < 30 and sorted(started) == ["quick", "slow"]
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the compile's processes stop with the set-up"
+
+
 def test_run_failure_names_the_step_exit_code_and_log(tmp_path):
     log = tmp_path / "step.log"
     with pytest.raises(QsweepError) as info:

@@ -460,15 +460,23 @@ def setup(names: list[str], envs_dir: Path, force: bool = False) -> None:
     for name in names:
         if name not in stale:
             log_.info("stage environment '%s' is up to date (%s)", name, StageEnv(name, envs_dir).root)
+    stop = procs.StopRequest()  # set when this thread fails or is interrupted: the compile stops too
+
+    def compile_env(spec: StageEnvSpec) -> None:
+        with procs.stopped_by(stop):
+            build_env(spec, envs_dir)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
-        compiling = [pool.submit(build_env, specs[n], envs_dir) for n in stale if specs[n].compiles]
+        compiling = [pool.submit(compile_env, specs[n]) for n in stale if specs[n].compiles]
         try:
             for name in stale:
                 if not specs[name].compiles:
                     build_env(specs[name], envs_dir)
-        finally:
-            for future in compiling:
-                future.result()  # waits, and raises what failed there
+        except BaseException:
+            stop.requested = True
+            raise
+    for future in compiling:
+        future.result()  # raises what failed there
 
 
 def up_to_date(spec: StageEnvSpec, env: StageEnv) -> bool:

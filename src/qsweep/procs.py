@@ -82,6 +82,17 @@ def stop_on_signals() -> Iterator[StopRequest]:
         _current_stop.reset(token)
 
 
+@contextlib.contextmanager
+def stopped_by(request: StopRequest) -> Iterator[StopRequest]:
+    """In a worker thread (where no signal arrives): the tools it waits on stop, and KeyboardInterrupt
+    is raised there, once another thread sets `request.requested`."""
+    token = _current_stop.set(request)
+    try:
+        yield request
+    finally:
+        _current_stop.reset(token)
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if the current job was asked to stop; raise QsweepError if something
     the job depends on failed (`watching`)."""
