@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from qsweep import environ
 from qsweep.envs import HOME_ENV_VAR, default_home
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def run_cli(
 
 
 def cli_env(fakes: bool = False) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**environ.snapshot(), "PYTHONUNBUFFERED": "1"}
     if fakes:
         env["QSWEEP_PLUGINS"] = "fakeplugins"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))

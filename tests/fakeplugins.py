@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -82,6 +84,8 @@ class FakeQuant(Method):
 
         def build(tmp: Path) -> dict:
             (tmp / "model.json").write_text(json.dumps({"noise": cfg.noise}))
+            if SABOTAGE == "tmp":  # broken on purpose: a half-written build folder nobody removes
+                (tmp.parent / f".tmp-stray-{os.getpid()}").mkdir(exist_ok=True)
             return {}
 
         entry = ctx.artifact_cache.entry("fake-quantized", key, build, what="fake quantized model")
@@ -102,6 +106,8 @@ class FakeQuant(Method):
 class FakeServeConfig(EngineConfig):
     slots: int = speed_only(1)  # sized from the benchmarks' load, like llama-server's -np
     crash_on_start: bool = False
+    die_after_requests: int = 0  # the server goes away after answering this many (0: never)
+    hang_after_requests: int = -1  # then answers nothing more, as a hung server (-1: never)
     degenerate_below_bits: float = 0.0  # replies '1 1 1 ...' for artifacts of fewer bits per weight
     gpus: int = 0  # GPUs a job holds (as a tensor-parallel server would), from a device list a test gives
 
@@ -117,11 +123,24 @@ BROKEN_REPLY = " ".join(["1"] * 20)  # what a broken checkpoint says
 
 class _Handler(BaseHTTPRequestHandler):
     reply = REPLY  # set per server
+    # fault injection, set per server (FakeServeConfig): a count of answered POSTs and what to do then
+    served: list[int] = [0]
+    die_after, hang_after = 0, -1
+    gone = threading.Event()  # set when the server stops: a hung handler then returns
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._reply({"status": "ok"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self.served[0] += 1
+        if self.die_after and self.served[0] > self.die_after:
+            threading.Thread(target=self.server.shutdown, daemon=True).start()  # as a crashed server
+            self.close_connection = True
+            self.connection.close()
+            return
+        if 0 <= self.hang_after < self.served[0]:
+            self.gone.wait()
+            return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         words = " ".join(self.reply.split()[: body.get("max_tokens", 1)])
         self._reply({"choices": [{"text": " " + words, "message": {"content": words}}]})
@@ -148,15 +167,22 @@ def _http_server(cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> I
     if cfg.crash_on_start:
         raise QsweepError("fake server exited with code 1 while starting: bad flag (log: fake.log)")
     broken = artifact.metrics.get("bits_per_weight", 16.0) < cfg.degenerate_below_bits
-    handler = type("Handler", (_Handler,), {"reply": BROKEN_REPLY if broken else REPLY})
+    gone = threading.Event()
+    per_server = {"reply": BROKEN_REPLY if broken else REPLY, "gone": gone, "served": [0]}
+    per_server |= {"die_after": cfg.die_after_requests, "hang_after": cfg.hang_after_requests}
+    handler = type("Handler", (_Handler,), per_server)
     server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     with open(ctx.log("server.log"), "a") as log:
         log.write(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
+    if SABOTAGE == "orphan":  # broken on purpose: a helper process nobody stops
+        helper = [sys.executable, "-c", "import time; time.sleep(300)", str(ctx.log_dir)]
+        subprocess.Popen(helper, start_new_session=True)
     try:
         yield f"http://{cfg.host}:{server.server_port}"
     finally:
+        gone.set()
         server.shutdown()
         server.server_close()
 
@@ -228,6 +254,7 @@ class FakeBenchConfig:
     samples: int = 20
     concurrency: int = 3
     fail_below_bits: float = 0.0  # fails on artifacts of fewer bits per weight, as a crashed tool would
+    bug_below_bits: float = 0.0  # raises an unexpected exception there instead (a bug, not a QsweepError)
     sleep_s: float = neutral(0.0)  # time to send a signal in; changes no result
 
 
@@ -249,6 +276,10 @@ class FakeBench(Benchmark):
         bits = served.artifact.metrics.get("bits_per_weight", 16.0)
         if bits < cfg.fail_below_bits:
             raise QsweepError("fake benchmark failed on purpose")
+        if bits < cfg.bug_below_bits:
+            raise ZeroDivisionError("a bug in the fake benchmark")
+        if SABOTAGE == "running":  # broken on purpose: the controller dies without closing its runs
+            os._exit(3)
         # Fewer bits, more wrong answers: sample i is right when i is below a bits-dependent share.
         right = math.ceil(cfg.samples * min(1.0, 0.5 + bits / 32))
         scores = {str(i): float(i < right and "Paris" in reply) for i in range(cfg.samples)}
@@ -258,6 +289,44 @@ class FakeBench(Benchmark):
     def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
         cmp = stats.compare(samples["scores"], baseline["scores"])
         return {"fake_delta": cmp.delta, "fake_within_noise": float(cmp.within_noise)}
+
+
+# --- invariants broken on purpose (tests/test_chaos.py shows its checks catch each) ------------
+
+SABOTAGE = ""  # set by `sabotage`
+
+
+def sabotage(name: str) -> None:
+    """Break one invariant on purpose: running (the controller exits without closing its runs),
+    orphan (a process left behind), tmp (a build folder left behind), exitcode (the exit code
+    ignores failed jobs), result (a job that failed before measuring reports a result); '' none.
+    Once per process (it patches qsweep)."""
+    global SABOTAGE
+    SABOTAGE = name
+    if name == "exitcode":
+        from qsweep import sweep
+
+        multirun_end = sweep.SweepCallback.on_multirun_end
+
+        def exit_zero(self, *args, **kwargs):
+            with contextlib.suppress(sweep.SweepFailed):
+                multirun_end(self, *args, **kwargs)
+
+        sweep.SweepCallback.on_multirun_end = exit_zero
+    elif name == "result":
+        from qsweep import tracking
+
+        finish = tracking.JobRecorder.finish
+
+        def finish_with_a_score(self, status, *args, **kwargs):
+            if status == "FAILED":
+                self.metrics({"fake_score": 1.0})
+            return finish(self, status, *args, **kwargs)
+
+        tracking.JobRecorder.finish = finish_with_a_score
+
+
+sabotage(os.environ.get("QSWEEP_FAKE_SABOTAGE", ""))  # a sweep run by hand can be broken too
 
 
 # --- the options a YAML file would give ------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REAL_ENVS, live_processes, run_cli
+from qsweep import environ
 from qsweep.benchmarks import perf
 from qsweep.context import BenchmarkResult
 from qsweep.envs import StageEnv
@@ -206,7 +207,6 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):
 
 
 def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, llamacpp_env):
-    import os
     import signal
     import subprocess
     import sys
@@ -230,7 +230,7 @@ def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**environ.snapshot(), "PYTHONUNBUFFERED": "1"},
     )
     seen = []
     deadline = time.monotonic() + 600

@@ -818,3 +818,48 @@ def test_cache_command_lists_and_verifies(tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "gguf q4 (" in listed and "1 entries, 0.0 MB" in listed
     assert main(["verify", *paths]) == 0 and "1 entries checked, all intact" in capsys.readouterr().out
+
+
+def test_environment_scans_survive_another_thread_setting_and_unsetting_a_variable(tmp_path):
+    """MLflow's telemetry thread sets and unsets a variable while jobs run: a plain scan of
+    os.environ then fails now and then (shown first, so the setting is known to provoke it); qsweep's
+    scans (`environ.snapshot`, the secrets `redact` masks, a stage environment's variables) never do."""
+    import sys
+    import threading
+
+    from qsweep import environ, redact
+
+    stage = envs.StageEnv("llamacpp", tmp_path)
+    scans = {
+        "environ.snapshot": environ.snapshot,
+        "redact.environment_secrets": redact.environment_secrets,
+        "StageEnv.environ": stage.environ,
+    }
+    stop, switch = threading.Event(), sys.getswitchinterval()
+
+    def toggle() -> None:
+        while not stop.is_set():
+            os.environ["_QSWEEP_TELEMETRY_LIKE"] = "x"
+            del os.environ["_QSWEEP_TELEMETRY_LIKE"]
+
+    def failures(scan, seconds: float, until_first: bool = False) -> int:
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until_first and count):
+            try:
+                scan()
+            except (KeyError, RuntimeError):
+                count += 1
+        return count
+
+    thread = threading.Thread(target=toggle, daemon=True)
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows in milliseconds
+    thread.start()
+    try:
+        naive = failures(lambda: [v for _, v in os.environ.items()], 10.0, until_first=True)
+        assert naive, "the naive scan never failed: this test no longer provokes the race"
+        assert {name: failures(scan, 1.0) for name, scan in scans.items()} == dict.fromkeys(scans, 0)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(switch)
+        os.environ.pop("_QSWEEP_TELEMETRY_LIKE", None)

@@ -20,7 +20,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from qsweep import config, devices, dryrun, job, logs, tracking
+from qsweep import config, devices, dryrun, job, logs, procs, tracking
 from qsweep.errors import QsweepError
 from qsweep.plan import (
     JobPlan,
@@ -41,6 +41,36 @@ def group_options(group: str) -> list[str]:
     schemas left out; asks Hydra, so call it inside an initialized Hydra context."""
     loader = GlobalHydra.instance().config_loader()
     return sorted(o for o in loader.get_group_options(group) if not config.is_schema(o))
+
+
+# The groups `--help` lists with their options (conf/hydra/help/qsweep.yaml), a user's and Hydra's.
+HELP_GROUPS = {
+    "app": ("model", "method", "engine", "benchmark", "sweeps"),
+    "hydra": ("hydra/launcher", "hydra/sweeper"),
+}
+
+
+def help_options(which: str) -> str:
+    """The `qsweep.help_options` resolver: one wrapped line per group of HELP_GROUPS[which] with its
+    options, schemas left out (`python -m qsweep --help`)."""
+    import textwrap
+
+    lines = []
+    for group in HELP_GROUPS[which]:
+        options = ", ".join(group_options(group)) or "-"
+        head = f"  {group + ':':<16}"
+        lines.extend(textwrap.wrap(options, 100, initial_indent=head, subsequent_indent=" " * len(head)))
+    return "\n".join(lines)
+
+
+def register_help_resolvers() -> None:
+    """The resolvers qsweep's `--help` template calls (Hydra resolves it while printing the help)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("qsweep.help_options", help_options, replace=True)
+    OmegaConf.register_new_resolver(
+        "qsweep.help_store", lambda *, _root_: tracking.tracking_uri(_root_), replace=True
+    )
 
 
 def _one_line(err: BaseException) -> str:
@@ -235,58 +265,118 @@ def cannot_run_here(plans: list[JobPlan]) -> str | None:
     )
 
 
+def completion() -> None:
+    """Hydra's shell completion (`--shell-completion install=bash`, then the queries bash sends),
+    with the plug-ins' schema entries left out of the words it offers."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        hydra_main()
+    words = printed.getvalue()
+    if "query=" in " ".join(sys.argv):  # a query's answer: space-separated words
+        words = " ".join(w for w in words.split() if not config.is_schema(w.rpartition("=")[2])) + "\n"
+    sys.stdout.write(words)
+
+
 @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> job.JobOutcome:
     return job.run_job(cfg)
 
 
 def main() -> None:
-    """Entry point: pre-flight, then Hydra; exit 2 on bad input, 1 if any job failed."""
+    """Entry point: pre-flight, then Hydra; exit 2 on bad input, 1 if any job failed, 130 if
+    interrupted."""
     from hydra._internal.utils import get_args_parser
 
-    logs.console()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where it is
     try:
         config.register()
     except QsweepError as err:  # a third-party plug-in that does not load
         print(f"qsweep: {err}", file=sys.stderr)
         sys.exit(2)
+    register_help_resolvers()
     args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-    informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
-    if not informational:
+    if args.shell_completion:
+        completion()
+        return
+    if not (args.help or args.hydra_help or args.cfg or args.info):
+        logs.console()  # not for Hydra's --info, which sets up its own: a second handler doubles its lines
         try:
-            plans = preflight(args.overrides, args.multirun)
+            if not checked_before_running(args.overrides, args.multirun):
+                return
         except QsweepError as err:
             print(f"qsweep: {err}", file=sys.stderr)
             sys.exit(2)
-        log.info("%d job(s) composed and checked", len(plans))
-        for note in dict.fromkeys(note for plan in plans for note in plan.notes):
-            log.info("  note: %s", note)
-        if plans and plans[0].dry_run:
-            for line in dryrun.report(plans):
-                log.info(line)
-            return
-        reasons = cannot_run_here(plans)
-        if reasons:
-            print(f"qsweep: {reasons}", file=sys.stderr)
-            sys.exit(2)
-        try:  # last: opening the store creates it
-            for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():
-                tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
-        except QsweepError as err:
-            print(f"qsweep: {err}", file=sys.stderr)
-            sys.exit(2)
-        for plan in plans:
-            if plan.skip_reason:
-                log.info("  will skip %s x %s: %s", plan.method_option, plan.engine_option, plan.skip_reason)
-                continue
-            for name, why in plan.skipped_benchmarks.items():
-                log.info("  will skip benchmark %s in %s: %s", name, plan.name, why)
+        except KeyboardInterrupt:
+            print("qsweep: interrupted during the pre-flight; nothing was run", file=sys.stderr)
+            sys.exit(130)
+    run_hydra()
+
+
+def checked_before_running(overrides: list[str], multirun: bool) -> bool:
+    """The pre-flight: every job planned, the machine and the store checked, what will be skipped
+    said; False for a dry run (its report printed), QsweepError with one line on bad input."""
+    plans = preflight(overrides, multirun)
+    log.info("%d job(s) composed and checked", len(plans))
+    for note in dict.fromkeys(note for plan in plans for note in plan.notes):
+        log.info("  note: %s", note)
+    if plans and plans[0].dry_run:
+        for line in dryrun.report(plans):
+            log.info(line)
+        return False
+    reasons = cannot_run_here(plans)
+    if reasons:
+        raise QsweepError(reasons)
+    for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():  # last: opening makes it
+        tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
+    for plan in plans:
+        if plan.skip_reason:
+            log.info("  will skip %s x %s: %s", plan.method_option, plan.engine_option, plan.skip_reason)
+            continue
+        for name, why in plan.skipped_benchmarks.items():
+            log.info("  will skip benchmark %s in %s: %s", name, plan.name, why)
+    return True
+
+
+def _terminated(signum: int, frame: object = None) -> None:
+    raise KeyboardInterrupt(f"signal {signum} ({signal.Signals(signum).name})")
+
+
+def run_hydra() -> None:
+    """Hydra's run or sweep; whatever ends it, every run this process opened is closed with the
+    status and reason of what ended it before the process exits (`tracking.close_open_runs`):
+    an interrupt (Ctrl-C, SIGTERM) KILLED, an error FAILED. Only SIGKILL and the like leave a run
+    RUNNING, for the next sweep's abandoned-run check."""
+
+    def close(status: str, reason: str) -> None:
+        for sig in procs.STOP_SIGNALS:  # a second Ctrl-C must not cut the closing short
+            signal.signal(sig, signal.SIG_IGN)
+        closed = tracking.close_open_runs(status, reason)
+        if closed:
+            log.warning("closed %d run(s) %s: %s", len(closed), status, reason)
+
+    signal.signal(signal.SIGTERM, _terminated)  # as Ctrl-C: jobs stop their servers, runs are closed
     try:
         hydra_main()
     except SweepFailed as failed:
+        close("FAILED", f"the sweep ended with failed jobs: {failed}")
         print(f"qsweep: {failed}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if not tracking.open_runs() and tracking.closed_statuses():
+            # every run was closed before the interrupt landed: the recorded outcome stands
+            recorded = tracking.closed_statuses()
+            print("qsweep: interrupted after every run was recorded", file=sys.stderr)
+            sys.exit(130 if "KILLED" in recorded else 1 if "FAILED" in recorded else 0)
+        close("KILLED", f"interrupted ({err or 'SIGINT'})")
         print("qsweep: interrupted; servers stopped, runs marked KILLED", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as done:  # Hydra printed the error that stopped it, then exited
+        close("FAILED", f"the qsweep process stopped on an error (exit {done.code}); its output says which")
+        raise
+    except BaseException as err:
+        close("FAILED", f"the qsweep process stopped on an error: {type(err).__name__}: {err}")
+        raise
+    close("FAILED", "left open when the qsweep process ended (a qsweep bug)")

@@ -30,9 +30,11 @@ SWEEPS_DIR = REPO_ROOT / "sweeps"  # the config group `sweeps` (+sweeps=NAME), a
 
 @dataclass
 class PathsConfig:
-    # $QSWEEP_HOME when set, read at compose time; every other path follows `paths.home`.
+    # $QSWEEP_HOME when set, read at compose time; caches and outputs follow `paths.home`.
     home: str = f"${{oc.env:{HOME_ENV_VAR},'{DEFAULT_HOME}'}}"
-    envs: str = "${paths.home}/envs"  # the stage environments ./setup.sh built
+    # The stage environments stay where ./setup.sh built them ($QSWEEP_HOME/envs, else .qsweep/envs)
+    # whatever `paths.home` says: moving the caches elsewhere needs no second set-up.
+    envs: str = f"${{oc.env:{HOME_ENV_VAR},'{DEFAULT_HOME}'}}/envs"
     model_cache: str = "${paths.home}/cache/models"
     artifact_cache: str = "${paths.home}/cache/artifacts"
     outputs: str = "${paths.home}/outputs"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from qsweep import logs, procs
+from qsweep import environ, logs, procs
 from qsweep.errors import QsweepError
 
 log_ = logging.getLogger("qsweep.envs")  # `log` is the build-log path throughout this module
@@ -117,7 +117,7 @@ class StageEnv:
     def environ(self, progress_bars: bool = False, **extra: str) -> dict[str, str]:
         """os.environ plus this environment's PATH and libraries, no telemetry, and tqdm's progress
         bars off unless `progress_bars` (a tool that needs them, or whose log qsweep reads them from)."""
-        env = dict(os.environ)
+        env = environ.snapshot()
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
         env["PATH"] = os.pathsep.join(

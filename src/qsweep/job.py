@@ -39,14 +39,26 @@ def run_job(cfg: DictConfig) -> JobOutcome:
         overrides = list(hydra_cfg.overrides.task)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         label = sweep_label(overrides, sweep_swept_keys(Path(hydra_cfg.sweep.dir))) if multirun else ""
-        plan = plan_job(
-            cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides), label
-        )
         parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
+        choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+        try:
+            plan = plan_job(
+                cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides), label
+            )
+        except Exception as err:  # noqa: BLE001 - the pre-flight passed: the world changed since (a port taken)
+            error = str(err) if isinstance(err, QsweepError) else f"{type(err).__name__}: {err}"
+            name = f"{choices.get('model')}/{choices.get('method')}/{choices.get('engine')}{label}"
+            run_id = JobRecorder.unplanned(cfg, name, choices, job_dir, parent, f"at plan time: {error}")
+            log.error("job %s failed at plan time: %s", name, error)
+            return JobOutcome(name, "FAILED", run_id)
         # rerun=[quantize] rebuilds what was built before this sweep began, once per sweep.
         began = sweep_began(Path(hydra_cfg.sweep.dir)) if multirun else time.time()
         ctx = plan.context(job_dir / "logs", rebuild_before=began if plan.forces("quantize") else None)
-        record = JobRecorder.start(cfg, plan, job_dir, parent)
+        try:
+            record = JobRecorder.start(cfg, plan, job_dir, parent)
+        except QsweepError as err:  # its run is closed FAILED with the reason
+            log.error("job %s failed: %s", plan.name, err)
+            return JobOutcome(plan.name, "FAILED", None)
         if plan.skip_reason:  # an unsupported method x engine pair: recorded, not a failure
             record.skipped(plan.skip_reason)
             log.info("job %s skipped: %s", plan.name, plan.skip_reason)

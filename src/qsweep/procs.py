@@ -83,6 +83,27 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 
 @contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block take effect at its end, as they would have: for
+    steps that must not be cut in two (an MLflow run made and remembered as this process's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are handled in the main thread only
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])  # its own handler, now restored, acts on it
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
 def stopped_by(request: StopRequest) -> Iterator[StopRequest]:
     """In a worker thread (where no signal arrives): the tools it waits on stop, and KeyboardInterrupt
     is raised there, once another thread sets `request.requested`."""
@@ -135,10 +156,12 @@ def _die_with_parent() -> None:
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, wait, then SIGKILL it; safe to call twice."""
+    """SIGTERM the process group, wait, then SIGKILL it; safe to call twice. SIGCONT follows the
+    SIGTERM: a stopped process (SIGSTOP, a debugger) would hold the signal until the grace is over."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
     # The leader may be gone while children it spawned still run in the group.

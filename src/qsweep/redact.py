@@ -8,6 +8,8 @@ import os
 import re
 from typing import Any
 
+from qsweep import environ
+
 # The last part of a key that names a secret: hf_token, api_key, password... (not max_tokens).
 SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|password|passwd|api[_-]?key|credentials?)$", re.IGNORECASE)
 MASK = "***"
@@ -76,7 +78,7 @@ def secret_values(node: Any) -> list[str]:
 
 def environment_secrets() -> list[str]:
     """Values of this process's secret-looking environment variables (HF_TOKEN, OPENAI_API_KEY...)."""
-    return [v for k, v in os.environ.items() if is_secret_key(k.lower()) and len(v) >= 6]
+    return [v for k, v in environ.snapshot().items() if is_secret_key(k.lower()) and len(v) >= 6]
 
 
 def text(value: str, also: list[str] = ()) -> str:

@@ -21,7 +21,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from qsweep import redact, sanity, tracking
+from qsweep import procs, redact, sanity, tracking
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,24 @@ def sweep_swept_keys(sweep_dir: Path) -> frozenset[str]:
     return swept_keys(list(saved.overrides.task), saved.sweeper.params)
 
 
+def closes_runs_on_error(hook):
+    """A callback hook that, when it fails, closes this process's open runs (the parent's, mostly)
+    FAILED with the error before Hydra reports it."""
+
+    @functools.wraps(hook)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except SweepFailed:
+            raise
+        except Exception as err:
+            why = f"the sweep stopped ({hook.__name__}): {type(err).__name__}: {err}"
+            tracking.close_open_runs("FAILED", why)
+            raise
+
+    return wrapper
+
+
 class SweepCallback(Callback):
     """Opens the sweep's parent run before the first job, closes it after the last, and decides the
     exit code from the jobs' runs."""
@@ -88,30 +106,32 @@ class SweepCallback(Callback):
         # heartbeat thread stays in the controller.
         return {k: v for k, v in self.__dict__.items() if k != "heartbeat"}
 
+    @closes_runs_on_error
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         client, experiment_id = tracking.client_for(config)
         close_abandoned(client, experiment_id)
 
+    @closes_runs_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client, experiment_id = tracking.client_for(config)
         close_abandoned(client, experiment_id)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        run = client.create_run(
-            experiment_id,
-            run_name=f"sweep {sweep_dir.name}",
-            tags={
-                **tracking.environment_tags(),
-                **tracking.owner_tags(),
-                "qsweep.kind": "sweep",
-                "qsweep.sweep_dir": str(sweep_dir),
-                "qsweep.command": redact.text(" ".join(config.hydra.overrides.task), also=secrets_of(config)),
-            },
-        )
+        tags = {
+            **tracking.environment_tags(),
+            **tracking.owner_tags(),
+            "qsweep.kind": "sweep",
+            "qsweep.sweep_dir": str(sweep_dir),
+            "qsweep.command": redact.text(" ".join(config.hydra.overrides.task), also=secrets_of(config)),
+        }
+        with procs.interrupts_deferred():
+            run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
+            tracking.opened(client, run.info.run_id)
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
         self.heartbeat = tracking.Heartbeat(client, run.info.run_id)
         log.info("sweep %s: MLflow parent run %s", sweep_dir.name, run.info.run_id)
 
+    @closes_runs_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_id = parent_run_id(Path(config.hydra.sweep.dir))
         if run_id is None:
@@ -125,7 +145,7 @@ class SweepCallback(Callback):
         write_report(client, run_id, config)
         if client.get_run(run_id).info.status == "RUNNING":
             unfinished = any(c.info.status != "FINISHED" for c in children)
-            client.set_terminated(run_id, "FAILED" if unfinished else "FINISHED")
+            tracking.terminate(client, run_id, "FAILED" if unfinished else "FINISHED")
         failed = [c.info.run_name for c in children if c.info.status == "FAILED"]
         if failed:
             raise SweepFailed(failed)
@@ -169,12 +189,12 @@ def write_report(client, parent_id: str, config: DictConfig) -> None:
     written is said, never a reason to fail the sweep (its jobs' results are all recorded)."""
     from omegaconf import OmegaConf
 
-    from qsweep.report import build
-
     try:
         cfg = OmegaConf.to_object(config.report)  # a ReportConfig: the schema types the section
         if not cfg.at_end:
             return
+        from qsweep.report import build  # here: it imports matplotlib, a second that at_end=false saves
+
         written = build.sweep_report(client, parent_id, cfg, Path(config.hydra.sweep.dir) / "report")
         log.info("report: %s", written.html)
     except Exception as err:  # noqa: BLE001 - see the docstring

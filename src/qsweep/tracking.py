@@ -7,6 +7,7 @@ sweep callback (`sweep.py`). Nothing else in qsweep calls MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -15,13 +16,14 @@ import platform
 import socket
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 import qsweep
-from qsweep import envs, redact
+from qsweep import envs, procs, redact
 from qsweep.context import Artifact, BenchmarkResult
 from qsweep.errors import QsweepError
 from qsweep.measure import Served
@@ -265,6 +267,61 @@ class Heartbeat:
         self._stop.set()
 
 
+# The runs this process made and has not closed: whatever ends the process (an exception, a signal,
+# a QsweepError at plan time) closes them with the reason (`close_open_runs`, from the CLI), so only
+# a process that was killed outright leaves a run RUNNING for the next sweep to close.
+_open_runs: dict[str, Any] = {}  # run id -> its client
+_closed_statuses: list[str] = []  # the status of each run this process closed, in order
+_open_runs_lock = threading.Lock()
+
+
+def opened(client, run_id: str) -> None:
+    with _open_runs_lock:
+        _open_runs[run_id] = client
+
+
+def terminate(client, run_id: str, status: str) -> None:
+    """Close a run this process made (set_terminated), and forget it."""
+    client.set_terminated(run_id, status)
+    with _open_runs_lock:
+        if _open_runs.pop(run_id, None) is not None:
+            _closed_statuses.append(status)
+
+
+def open_runs() -> list[str]:
+    with _open_runs_lock:
+        return list(_open_runs)
+
+
+def closed_statuses() -> list[str]:
+    """The statuses this process closed its runs with (FINISHED, FAILED, KILLED), in order."""
+    with _open_runs_lock:
+        return list(_closed_statuses)
+
+
+def close_open_runs(status: str, reason: str) -> list[str]:
+    """Close every run this process made and left open, with `status` and tag `qsweep.error` (kept if
+    the run has one); returns their ids. Best effort: a store that fails now is said, not raised."""
+    with _open_runs_lock:
+        left = dict(_open_runs)
+    closed = []
+    for run_id, client in left.items():
+        try:
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING":  # closed, and interrupted before it was forgotten
+                with _open_runs_lock:
+                    _open_runs.pop(run_id, None)
+                    _closed_statuses.append(run.info.status)
+                continue
+            if "qsweep.error" not in run.data.tags:
+                client.set_tag(run_id, "qsweep.error", reason[:5000])
+            terminate(client, run_id, status)
+            closed.append(run_id)
+        except Exception as err:  # noqa: BLE001 - the next sweep's abandoned-run check is the fallback
+            log.error("could not close MLflow run %s (%s): %s", run_id, reason, err)
+    return closed
+
+
 def close_abandoned_runs(client, experiment_id: str) -> list[str]:
     """Mark FAILED, with the reason, the RUNNING qsweep runs of this experiment that nobody runs any
     more; returns their names."""
@@ -280,7 +337,10 @@ def close_abandoned_runs(client, experiment_id: str) -> list[str]:
             pid = int(tags["qsweep.pid"])
             if _process_start(pid) == tags.get("qsweep.process_start"):
                 continue
-            why = f"abandoned: the qsweep process ({pid} on {host}) that ran it is gone (killed?)"
+            why = (
+                f"abandoned: the qsweep process that ran it ({pid} on {host}) was killed outright "
+                "(SIGKILL, out of memory, power loss): one that exits any other way closes its runs"
+            )
         else:
             beat = float(tags.get("qsweep.heartbeat") or 0)
             if now - beat < ABANDONED_AFTER_S:
@@ -367,18 +427,49 @@ class JobRecorder:
         }
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run_id = client.create_run(experiment_id, run_name=plan.name, tags=tags).info.run_id
+        with procs.interrupts_deferred():
+            run_id = client.create_run(experiment_id, run_name=plan.name, tags=tags).info.run_id
+            opened(client, run_id)
         recorder = cls(client, run_id, parent_id)
-        names = {"model": plan.model_name, "method": plan.method_option, "engine": plan.engine_option}
-        log_params(client, run_id, run_params(cfg, plan.choices, names))
-        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        recorder.secrets = redact.secret_values(config)
-        client.log_dict(run_id, redact.tree(config), "config.yaml")
-        if plan.skipped_benchmarks and not plan.skip_reason:
-            client.set_tag(run_id, "qsweep.skipped_benchmarks", "; ".join(
-                f"{name}: {why}" for name, why in plan.skipped_benchmarks.items()))  # fmt: skip
+        try:
+            names = {"model": plan.model_name, "method": plan.method_option, "engine": plan.engine_option}
+            log_params(client, run_id, run_params(cfg, plan.choices, names))
+            recorder.config(cfg)
+            if plan.skipped_benchmarks and not plan.skip_reason:
+                client.set_tag(run_id, "qsweep.skipped_benchmarks", "; ".join(
+                    f"{name}: {why}" for name, why in plan.skipped_benchmarks.items()))  # fmt: skip
+        except Exception as err:
+            error = f"could not record the job's settings: {type(err).__name__}: {err}"
+            recorder.finish("FAILED", error, traceback.format_exc(), {}, [], [])
+            raise QsweepError(error) from err
         log.info("job %s: MLflow run %s", plan.name, run_id)
         return recorder
+
+    @classmethod
+    def unplanned(
+        cls, cfg: DictConfig, name: str, choices: dict, job_dir: Path, parent_id: str | None, error: str
+    ) -> str:
+        """A job whose plan failed in its own process (a port taken since the pre-flight): a FAILED
+        run of its sweep with the reason and its config, so the sweep goes on and counts it."""
+        client, experiment_id = client_for(cfg)
+        tags = {**environment_tags(), **owner_tags(), "qsweep.kind": "job", "qsweep.job_dir": str(job_dir)}
+        tags |= {f"choice.{k}": str(v) for k, v in choices.items()}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        with procs.interrupts_deferred():
+            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            opened(client, run_id)
+        recorder = cls(client, run_id, parent_id)
+        with contextlib.suppress(Exception):  # the error matters more than the config's copy
+            recorder.config(cfg)
+        recorder.finish("FAILED", error, None, {}, [], [])
+        return run_id
+
+    def config(self, cfg: DictConfig) -> None:
+        """The job's whole config as `config.yaml`, secrets masked (and remembered, to mask logs)."""
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.secrets = redact.secret_values(config)
+        self.client.log_dict(self.run_id, redact.tree(config), "config.yaml")
 
     def failed_siblings(self) -> list[str]:
         """The names of this sweep's jobs recorded FAILED so far (under a parallel launcher, those
@@ -394,7 +485,7 @@ class JobRecorder:
         """An unsupported method x engine pair: recorded as a finished run with its reason."""
         self.heartbeat.stop()
         self.client.set_tag(self.run_id, "qsweep.skipped", reason)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        terminate(self.client, self.run_id, "FINISHED")
 
     def model(self, model: PreparedModel) -> None:
         self.client.set_tag(self.run_id, "model.cache_hit", str(model.cache_hit).lower())
@@ -495,9 +586,10 @@ class JobRecorder:
                 if path.is_file():
                     redact.file(path, self.secrets)  # a tool may have printed a secret it was given
                     self.client.log_artifact(self.run_id, str(path), "logs")
-            self.client.set_terminated(self.run_id, status)
+            terminate(self.client, self.run_id, status)
             if status == "KILLED" and self.parent_id:
-                self.client.set_terminated(self.parent_id, "KILLED")
+                self.client.set_tag(self.parent_id, "qsweep.error", f"job {self.run_id} was interrupted")
+                terminate(self.client, self.parent_id, "KILLED")
         except Exception as err:  # MLflow itself failing must not mask what happened to the job
             log.error(
                 "could not finish MLflow run %s: %s; job details: %s", self.run_id, err, json.dumps(timings)

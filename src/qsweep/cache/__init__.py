@@ -90,6 +90,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+_damage_said: set[tuple] = set()  # damaged entries this process has warned about
+
+
 class ArtifactCache:
     """Entries live at <root>/<kind>/<key>/ with a manifest written last.
 
@@ -127,7 +130,10 @@ class ArtifactCache:
             return None
         damage = damaged(final, manifest.get("files"))
         if damage:
-            log.warning("cache entry %s is damaged (%s): it will be rebuilt, not used", final, damage)
+            said = (str(final), manifest.get("built_at_epoch"), damage)
+            if said not in _damage_said:  # an entry is looked at more than once (plan, build, lock)
+                _damage_said.add(said)
+                log.warning("cache entry %s is damaged (%s): it will be rebuilt, not used", final, damage)
             return None
         return manifest
 
