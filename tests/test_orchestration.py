@@ -407,6 +407,36 @@ def test_a_single_job_whose_engine_cannot_start_fails_cleanly(outcomes):
     assert "fake server exited with code 1 while starting" in error
 
 
+@scenario
+def port_taken_after_pre_flight(case: Case):
+    """The first job's benchmark takes the port the second job is set to serve on: free at the
+    pre-flight, taken when the second job plans in its own turn."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return port, case.sweep("-m", "method=none", "engine=fake", f"engine.port=0,{port}",
+                            "benchmark=[fakebench]", f"benchmark.fakebench.squat_port={port}")  # fmt: skip
+
+
+def test_a_job_whose_plan_fails_in_its_own_turn_is_a_failed_run_and_the_sweep_goes_on(outcomes):
+    """A QsweepError when a job plans (a port taken since the pre-flight) used to escape into Hydra
+    with a traceback and leave the parent run RUNNING: now it is the job's FAILED run with the
+    reason, the other job runs, the parent is closed FAILED and the exit code is 1."""
+    case, (port, done) = outcome(outcomes, "port_taken_after_pre_flight")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr and "Error executing job" not in done.stderr
+    _, parents, jobs = case.runs()
+    assert parents[0].info.status == "FAILED"
+    statuses = {name: (r.info.status, r.data.tags.get("qsweep.error", "")) for name, r in jobs.items()}
+    (failed,) = [name for name, (status, _) in statuses.items() if status == "FAILED"]
+    assert failed == f"fake-model/none/fake[engine.port={port}]", statuses
+    assert statuses[failed][1].startswith(f"at plan time: engine.port={port} on 127.0.0.1 is in use")
+    assert statuses["fake-model/none/fake[engine.port=0]"] == ("FINISHED", "")
+    assert done.stderr.strip().splitlines()[-1] == f"qsweep: 1 job(s) failed: {failed}"
+
+
 # --- signals ----------------------------------------------------------------------------------
 
 

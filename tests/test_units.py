@@ -159,6 +159,15 @@ def test_background_child_is_killed_even_if_it_ignores_sigterm(tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_a_stopped_child_is_stopped_without_waiting_out_the_grace(tmp_path):
+    """SIGSTOP holds SIGTERM until SIGCONT: kill_group sends both, so a stopped server ends at once
+    instead of after the grace and SIGKILL."""
+    with procs.background(["sleep", "300"], log_path=tmp_path / "log", grace_s=30) as proc:
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopping = time.monotonic()
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - stopping < 10
+
+
 def test_params_are_flattened_and_secrets_masked():
     flat = tracking.flatten(
         {"engine": {"port": 0, "api_key": "sk-123", "extra": {"hf_token": "abc"}}, "n": None}
@@ -624,7 +633,8 @@ def test_a_damaged_cache_entry_is_reported_and_rebuilt_never_used(tmp_path, capl
         f.truncate(500)
     assert cache.lookup("gguf", {"k": 1}) is None
     assert "is damaged (model.gguf has 500 bytes, 1000 were written)" in caplog.text
-    again = cache.entry("gguf", {"k": 1}, build, what="a file")
+    again = cache.entry("gguf", {"k": 1}, build, what="a file")  # looks again, twice: said once
+    assert caplog.text.count("is damaged") == 1
     assert not again.hit and len(builds) == 2 and (again.path / "model.gguf").stat().st_size == 1000
     assert not leftover.exists()
     # edited in place with the same size: found by its hash once its time changed

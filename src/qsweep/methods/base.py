@@ -56,6 +56,13 @@ class Method(ABC):
         that many of its own, and sees no others)."""
         return 0
 
+    def layer_kernels(self, cfg: Any) -> frozenset[str]:
+        """The quantized matmuls its artifact's layers need from an engine, in qsweep's names
+        (`w4a16`: 4-bit integer weights with 16-bit activations); an engine that lacks one on this
+        machine (`Engine.kernel_missing`) skips the pair before anything is quantized. Empty where
+        none is special or it cannot be told before building (a recipe file)."""
+        return frozenset()
+
     def plan(self, cfg: Any, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         """The cache entries `build` would use and whether they exist, computed with the same keys
         and without side effects: the dry run reports them and looks up results under `key`. The

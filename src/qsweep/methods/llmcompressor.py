@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -158,6 +159,12 @@ class LlmCompressorMethod(Method):
         """One where a GPU is: llm-compressor and GPTQModel calibrate on it (set-up installs the
         CUDA variant of the quantize environment there)."""
         return 1 if envs.has_cuda_gpu() else 0
+
+    def layer_kernels(self, cfg: Config) -> frozenset[str]:
+        """Weight-only integer presets (W4A16, W4A16_ASYM, ...; GPTQModel's too) need a WNA16
+        matmul: `w4a16` for 4-bit weights. A recipe file's schemes are not read here."""
+        weight_only = re.fullmatch(r"W(\d+)A16(_ASYM)?", cfg.scheme)
+        return frozenset() if cfg.recipe or not weight_only else frozenset({f"w{weight_only[1]}a16"})
 
     def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:
         sha = calibration.content_sha(cfg.calibration, ctx.artifact_cache) if needs_calibration(cfg) else None
