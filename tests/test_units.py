@@ -873,3 +873,31 @@ def test_environment_scans_survive_another_thread_setting_and_unsetting_a_variab
         thread.join()
         sys.setswitchinterval(switch)
         os.environ.pop("_QSWEEP_TELEMETRY_LIKE", None)
+
+
+def test_a_new_sqlite_store_is_made_whole_or_not_at_all(tmp_path, monkeypatch):
+    """MLflow's migrations make a new store beside it, then it is renamed into place: a process
+    killed during them (here: failing) leaves no store that no later MLflow can open."""
+    import mlflow.tracking
+
+    store = tmp_path / "mlruns" / "mlflow.db"
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    real = mlflow.tracking.MlflowClient
+
+    class Killed(Exception):
+        pass
+
+    class DiesMidMigration(real):
+        def search_experiments(self, *args, **kwargs):
+            raise Killed
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", DiesMidMigration)
+    with pytest.raises(Killed):
+        tracking.create_sqlite_store(uri)
+    assert list(store.parent.iterdir()) == []  # neither the store nor the file it was made in
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", real)
+    (store.parent / ".mlflow.db.tmp-1-dead").write_text("a killed creation's half-made file")
+    tracking.create_sqlite_store(uri)
+    assert store.is_file() and [p.name for p in store.parent.iterdir()] == ["mlflow.db"]
+    assert real(tracking_uri=uri).get_experiment_by_name("Default") is not None

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ def client_for(cfg: DictConfig):
     with open(lock_dir / ".qsweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            create_sqlite_store(uri)
             client = PatientClient(patiently(lambda: MlflowClient(tracking_uri=uri), "open"))
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             if experiment is None:
@@ -169,6 +171,33 @@ def client_for(cfg: DictConfig):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client, experiment_id
+
+
+def create_sqlite_store(uri: str) -> None:
+    """A new SQLite store is made whole or not at all: MLflow's schema migrations run on a file
+    beside it, which is then renamed into place. Made in place, a process killed during them left a
+    store that no later MLflow could open ("table _alembic_tmp_... already exists"). Call under the
+    store's lock."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:////") else None
+    if path is None or path.exists():
+        return
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # of a creation killed under this lock
+        leftover.unlink(missing_ok=True)
+    # a name of its own each time: MLflow keeps a store per URI for the life of the process
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        made = MlflowClient(tracking_uri=f"sqlite:///{partial}")
+        made.search_experiments(max_results=1)  # migrations, and MLflow's Default experiment
+        engine = getattr(made._tracking_client.store, "engine", None)
+        if engine is not None:
+            engine.dispose()  # its connections to the file, which is renamed next
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
