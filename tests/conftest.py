@@ -22,22 +22,33 @@ REPO_MLRUNS = REPO / "mlruns"
 
 
 def run_cli(
-    *args: str, tmp: Path, timeout_s: float = 1800, fakes: bool = False, mlruns: Path | None = None
+    *args: str,
+    tmp: Path,
+    timeout_s: float = 1800,
+    fakes: bool = False,
+    mlruns: Path | None = None,
+    forked: bool = True,
 ) -> subprocess.CompletedProcess:
     """`python -m qsweep ARGS` with MLflow (unless `mlruns` says where), caches and outputs under
     `tmp`; with `fakes`, the fake plug-ins of tests/fakeplugins.py are loaded the way a third
-    party's would be."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "qsweep",
+    party's would be, in a fork of a process that has them imported (unless not `forked`)."""
+    argv = [
         *args,
         f"paths.mlruns={mlruns or tmp / 'mlruns'}",
         f"paths.artifact_cache={tmp / 'cache'}",
         f"paths.outputs={tmp / 'outputs'}",
     ]
+    if fakes and forked:  # a fork of a process that has imported qsweep and the fakes (tests/forkedcli.py)
+        import forkedcli
+
+        return forkedcli.run(argv, cli_env(fakes), REPO, tmp / "controllers", timeout_s)
     return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=cli_env(fakes)
+        [sys.executable, "-m", "qsweep", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env=cli_env(fakes),
     )
 
 

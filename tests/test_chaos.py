@@ -13,22 +13,22 @@ with one fault drawn at random, and after each the invariants of a run checked:
 The faults: an exception in a stage (a failing quantizer, a bug in a benchmark), a server that
 crashes at start, dies or hangs mid-benchmark, SIGINT or SIGKILL of the controller at a random
 moment, a store locked by another writer for seconds, a port taken at a random point, and none.
-Each controller is a fork of a process that has imported qsweep, Hydra and MLflow already, so a
-sweep costs what the sweep does, not Python's start. The run prints the seed (replay it with
-QSWEEP_CHAOS_SEED), each sweep's fault and outcome, and the invariants held; QSWEEP_CHAOS_SWEEPS
-sets how many sweeps the fast test runs. `test_each_invariant_broken_on_purpose_is_caught` breaks
-each invariant in the fakes (fakeplugins.sabotage) and shows the checks see it."""
+Each controller is a fork of a process that has imported qsweep, Hydra and MLflow already
+(tests/forkedcli.py), so a sweep costs what the sweep does, not Python's start. The run prints the
+seed (replay it with QSWEEP_CHAOS_SEED), each sweep's fault and outcome, and the invariants held;
+QSWEEP_CHAOS_SWEEPS sets how many sweeps the fast test runs (4; the full run's: 200).
+`test_each_invariant_broken_on_purpose_is_caught` breaks each invariant in the fakes
+(fakeplugins.sabotage) and shows the checks see it."""
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import random
 import signal
 import socket
 import sqlite3
-import sys
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+import forkedcli
 from conftest import REPO, TESTS, live_processes
 
 SWEEP = ["-m", "engine=fake", "benchmark=[fakebench]", "report.at_end=false", "rerun=[all]",
@@ -73,42 +74,6 @@ FAULTS = {
 }
 
 
-def run_controller(argv: list[str], environ: dict[str, str], output: str, sabotage: str) -> None:
-    """A controller: `python -m qsweep ARGV` in this forked process (see the module's docstring)."""
-    os.environ.clear()
-    os.environ.update(environ)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.chdir(REPO)
-    import fakeplugins
-    from qsweep import cli
-
-    fakeplugins.sabotage(sabotage)
-    sys.argv = ["qsweep", *argv]
-    code = 1  # an exception escaping main
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else int(done.code is not None)
-        raise
-    finally:  # multiprocessing reports 255 when it loses a child's status (seen with lanes side by side)
-        Path(output + ".exit").write_text(str(code))
-
-
-@pytest.fixture(scope="module")
-def forks():
-    """A forkserver that has imported what a controller needs."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([
-        "test_chaos", "fakeplugins", "qsweep.cli", "qsweep.job", "mlflow.tracking",
-        "mlflow.store.tracking.sqlalchemy_store", "hydra._internal.core_plugins.basic_sweeper",
-        "hydra._internal.core_plugins.basic_launcher",
-    ])  # fmt: skip
-    return context
-
-
 @dataclass
 class Sweep:
     index: int
@@ -122,12 +87,12 @@ class Sweep:
 class Chaos:
     """Sweeps one after another on one store and cache under `root`, checked after each."""
 
-    def __init__(self, root: Path, forks, seed: int, sabotage: str = ""):
+    def __init__(self, root: Path, seed: int, sabotage: str = ""):
         # imported here: at collection it would add the fakes' options to Hydra's ConfigStore before
         # tests/test_compose.py lists the real ones
         from fakeplugins import write_fake_checkpoint
 
-        self.root, self.forks, self.rng, self.sabotage = root, forks, random.Random(seed), sabotage
+        self.root, self.rng, self.sabotage = root, random.Random(seed), sabotage
         self.model = write_fake_checkpoint(root / "model")
         self.store = root / "mlruns"
         self.cache = root / "cache"
@@ -167,29 +132,25 @@ class Chaos:
         if fault.action == "port":
             port = free_port()
             args.append(f"engine.port={port}")
-        output = self.root / f"sweep-{sweep.index:03d}.log"
-        process = self.forks.Process(
-            target=run_controller, args=(args, self.environ, str(output), self.sabotage), daemon=False
-        )
         delay = self.rng.uniform(0.0, 2.0)  # a sweep here takes about 2 s
         started = time.monotonic()
-        process.start()
+        process = forkedcli.start(args, self.environ, REPO, self.root / f"sweep-{sweep.index:03d}",
+                                  sabotage=self.sabotage)  # fmt: skip
+        output = process.out
         sweep.pid = process.pid
         done = threading.Event()
         action = (fault.action, process, delay, done, port)
         actor = threading.Thread(target=self.act, args=action, daemon=True)
         actor.start()
-        process.join(TIMEOUT_S)
-        if process.is_alive():
+        try:
+            process.wait(TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             sweep.violations.append(f"the controller still ran after {TIMEOUT_S} s (hung)")
             process.kill()
-            process.join(10)
+            process.wait(10)
         done.set()
         actor.join(15)
-        sweep.code, sweep.at_s = process.exitcode, min(delay, time.monotonic() - started)
-        said = Path(str(output) + ".exit")
-        if sweep.code == 255 and said.exists():  # the status multiprocessing lost, as the controller said it
-            sweep.code = int(said.read_text())
+        sweep.code, sweep.at_s = process.returncode, min(delay, time.monotonic() - started)
         self.sweeps.append(sweep)
         self.check(sweep, fault, output)
         return sweep
@@ -198,8 +159,8 @@ class Chaos:
         """The test's part of a fault, `delay` seconds after the controller started."""
         if done.wait(delay):
             return
-        if action in ("sigint", "sigkill") and process.is_alive():
-            os.kill(process.pid, signal.SIGINT if action == "sigint" else signal.SIGKILL)
+        if action in ("sigint", "sigkill"):
+            process.send_signal(signal.SIGINT if action == "sigint" else signal.SIGKILL)
         elif action == "lock" and (self.store / "mlflow.db").exists():
             db = sqlite3.connect(self.store / "mlflow.db", timeout=30)
             try:
@@ -309,10 +270,10 @@ def chaos_seed() -> int:
     return int(os.environ.get("QSWEEP_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
 
 
-def run_chaos(root: Path, forks, sweeps: int, seed: int, lanes: int = 1) -> list[Chaos]:
+def run_chaos(root: Path, sweeps: int, seed: int, lanes: int = 1) -> list[Chaos]:
     """`sweeps` faulted sweeps (and one more after the last of each lane), in `lanes` independent
     lanes side by side (each its own store and cache: they time nothing)."""
-    chaoses = [Chaos(root / f"lane{i}", forks, seed + i) for i in range(lanes)]
+    chaoses = [Chaos(root / f"lane{i}", seed + i) for i in range(lanes)]
     started = time.monotonic()
 
     def lane(chaos: Chaos, count: int) -> None:
@@ -345,14 +306,14 @@ def assert_held(chaoses: list[Chaos]) -> None:
     )
 
 
-def test_random_faults_keep_the_run_invariants(tmp_path, forks):
-    sweeps = int(os.environ.get("QSWEEP_CHAOS_SWEEPS") or 6)
-    assert_held(run_chaos(tmp_path, forks, sweeps, chaos_seed()))
+def test_random_faults_keep_the_run_invariants(tmp_path):
+    sweeps = int(os.environ.get("QSWEEP_CHAOS_SWEEPS") or 4)
+    assert_held(run_chaos(tmp_path, sweeps, chaos_seed()))
 
 
 @pytest.mark.slow
-def test_two_hundred_random_faults_keep_the_run_invariants(tmp_path, forks):
-    assert_held(run_chaos(tmp_path, forks, 200, chaos_seed(), lanes=3))
+def test_two_hundred_random_faults_keep_the_run_invariants(tmp_path):
+    assert_held(run_chaos(tmp_path, 200, chaos_seed(), lanes=3))
 
 
 BROKEN_ON_PURPOSE = {
@@ -367,9 +328,9 @@ BROKEN_ON_PURPOSE = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sabotage", sorted(BROKEN_ON_PURPOSE))
-def test_each_invariant_broken_on_purpose_is_caught(sabotage, tmp_path, forks):
+def test_each_invariant_broken_on_purpose_is_caught(sabotage, tmp_path):
     fault, words = BROKEN_ON_PURPOSE[sabotage]
-    chaos = Chaos(tmp_path / "chaos", forks, seed=0, sabotage=sabotage)
+    chaos = Chaos(tmp_path / "chaos", seed=0, sabotage=sabotage)
     sweep = chaos.run(fault)
     print(chaos.summary())
     assert any(words in v for v in sweep.violations), sweep.violations

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def case_factory(tmp_path_factory):
     template = migrated_store(tmp_path_factory.mktemp("template"))
-    return lambda: Case(tmp_path_factory.mktemp("launcher"), template)
+    return lambda: Case(tmp_path_factory.mktemp("launcher"), template, real_processes=True)
 
 
 def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(case_factory, tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import forkedcli
 from conftest import REPO, cli_env, run_cli
 from fakeplugins import write_fake_checkpoint
 from qsweep.envs import HOME_ENV_VAR
@@ -36,6 +37,9 @@ class Case:
 
     tmp: Path
     template_store: Path | None = None
+    # sweeps as real `python -m qsweep` processes rather than forks of a preloaded one (tests/
+    # forkedcli.py): Hydra's joblib launcher hangs starting its workers from such a fork
+    real_processes: bool = False
 
     @property
     def store(self) -> Path:
@@ -58,21 +62,15 @@ class Case:
             shutil.copyfile(self.template_store, self.store / "mlflow.db")
 
     def sweep(self, *args: str) -> subprocess.CompletedProcess:
-        return run_cli(*self.args(*args), tmp=self.tmp, timeout_s=120, fakes=True)
+        forked = not self.real_processes
+        return run_cli(*self.args(*args), tmp=self.tmp, timeout_s=120, fakes=True, forked=forked)
 
-    def start(self, *args: str) -> subprocess.Popen:
+    def start(self, *args: str) -> forkedcli.Forked:
         """A sweep in the background, its output merged and readable line by line."""
         paths = [f"paths.{name}={self.tmp / folder}" for name, folder in
                  (("mlruns", "mlruns"), ("artifact_cache", "cache"), ("outputs", "outputs"))]  # fmt: skip
-        cmd = [sys.executable, "-m", "qsweep", *self.args(*args), *paths]
-        return subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=cli_env(fakes=True),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        argv = [*self.args(*args), *paths]
+        return forkedcli.start(argv, cli_env(fakes=True), REPO, self.tmp / "controllers")
 
     def runs(self):
         """The MLflow client, the sweeps' parent runs and the job runs by name (the latest of a name)."""
@@ -86,7 +84,7 @@ class Case:
         return client, parents, jobs
 
 
-def wait_for(proc: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
+def wait_for(proc: forkedcli.Forked, text: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     for line in proc.stdout:
         if text in line or time.monotonic() > deadline:
