@@ -258,6 +258,7 @@ class FakeBenchConfig:
     bug_below_bits: float = 0.0  # raises an unexpected exception there instead (a bug, not a QsweepError)
     sleep_s: float = neutral(0.0)  # time to send a signal in; changes no result
     squat_port: int = neutral(0)  # binds this port and keeps it until the process ends (0: none)
+    interrupt_as_error: bool = neutral(False)  # Ctrl-C during sleep_s comes out as a RuntimeError
 
 
 _squatted: list[socket.socket] = []  # FakeBenchConfig.squat_port's socket, open until the process ends
@@ -281,8 +282,13 @@ class FakeBench(Benchmark):
             squatter.listen()
             _squatted.append(squatter)
         deadline = time.monotonic() + cfg.sleep_s
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            if cfg.interrupt_as_error:  # as a library that catches everything and raises its own
+                raise RuntimeError("the library's own error, raised while handling Ctrl-C") from None
+            raise
         bits = served.artifact.metrics.get("bits_per_weight", 16.0)
         if bits < cfg.fail_below_bits:
             raise QsweepError("fake benchmark failed on purpose")

@@ -440,8 +440,17 @@ def test_a_job_whose_plan_fails_in_its_own_turn_is_a_failed_run_and_the_sweep_go
 
 @scenario
 def ctrl_c(case: Case):
+    return interrupted_mid_benchmark(case)
+
+
+@scenario
+def ctrl_c_turned_into_an_error(case: Case):
+    return interrupted_mid_benchmark(case, "benchmark.fakebench.interrupt_as_error=true")
+
+
+def interrupted_mid_benchmark(case: Case, *extra: str):
     proc = case.start("-m", "method=none,fake-q4", "engine=fake", "benchmark=[fakebench]",
-                      "benchmark.fakebench.sleep_s=60")  # fmt: skip
+                      "benchmark.fakebench.sleep_s=60", *extra)  # fmt: skip
     try:
         wait_for(proc, "stage benchmark_fakebench ...")
         time.sleep(0.3)  # inside the benchmark's 60 s
@@ -452,9 +461,12 @@ def ctrl_c(case: Case):
     return proc.returncode, rest
 
 
-def test_ctrl_c_mid_benchmark_is_handled_by_the_job(outcomes):
-    """SIGINT (SIGTERM takes the same path; tests/test_e2e.py sends it to a real sweep)."""
-    case, (returncode, rest) = outcome(outcomes, "ctrl_c")
+@pytest.mark.parametrize("name", ["ctrl_c", "ctrl_c_turned_into_an_error"])
+def test_ctrl_c_mid_benchmark_is_handled_by_the_job(outcomes, name):
+    """SIGINT (SIGTERM takes the same path; tests/test_e2e.py sends it to a real sweep); also where
+    a library turns the interrupt into an error of its own (found by the chaos test: OmegaConf
+    raised a ConfigKeyError), which is still an interrupt, not a failure."""
+    case, (returncode, rest) = outcome(outcomes, name)
     assert returncode == 130, rest
     assert "interrupted" in rest and "stage benchmark_fakebench:" in rest  # the stage ended in `finally`
     _, parents, jobs = case.runs()

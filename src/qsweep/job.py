@@ -38,14 +38,18 @@ def run_job(cfg: DictConfig) -> JobOutcome:
     with procs.stop_on_signals():
         overrides = list(hydra_cfg.overrides.task)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        label = sweep_label(overrides, sweep_swept_keys(Path(hydra_cfg.sweep.dir))) if multirun else ""
-        parent = parent_run_id(Path(hydra_cfg.sweep.dir)) if multirun else None
         choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+        label, parent = "", None
         try:
+            if multirun:
+                label = sweep_label(overrides, sweep_swept_keys(Path(hydra_cfg.sweep.dir)))
+                parent = parent_run_id(Path(hydra_cfg.sweep.dir))
             plan = plan_job(
                 cfg, hydra_cfg.runtime.choices, benchmark_order(overrides), given_keys(overrides), label
             )
         except Exception as err:  # noqa: BLE001 - the pre-flight passed: the world changed since (a port taken)
+            if procs.stop_requested():
+                raise KeyboardInterrupt("interrupted while planning") from err
             error = str(err) if isinstance(err, QsweepError) else f"{type(err).__name__}: {err}"
             model = unplanned_model_name(cfg, choices)
             name = f"{model}/{choices.get('method')}/{choices.get('engine')}{label}"
@@ -58,6 +62,8 @@ def run_job(cfg: DictConfig) -> JobOutcome:
         try:
             record = JobRecorder.start(cfg, plan, job_dir, parent)
         except QsweepError as err:  # its run is closed FAILED with the reason
+            if procs.stop_requested():
+                raise KeyboardInterrupt("interrupted while recording the job's settings") from err
             log.error("job %s failed: %s", plan.name, err)
             return JobOutcome(plan.name, "FAILED", None)
         if plan.skip_reason:  # an unsupported method x engine pair: recorded, not a failure
@@ -120,10 +126,14 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
         raise
-    except QsweepError as err:
-        status, error = "FAILED", str(err)
-    except Exception as err:  # a bug or an unexpected tool failure: keep the traceback with the run
-        status, error, trace = "FAILED", f"{type(err).__name__}: {err}", traceback.format_exc()
+    except Exception as err:
+        if procs.stop_requested():  # the signal came out of a library as another exception
+            status, error = "KILLED", "interrupted"
+            raise KeyboardInterrupt(error) from err
+        if isinstance(err, QsweepError):
+            status, error = "FAILED", str(err)
+        else:  # a bug or an unexpected tool failure: keep the traceback with the run
+            status, error, trace = "FAILED", f"{type(err).__name__}: {err}", traceback.format_exc()
     finally:
         record.finish(status, error, trace, clock.timings, ctx.notes, log_files(ctx, job_dir))
         held.close()

@@ -114,6 +114,14 @@ def stopped_by(request: StopRequest) -> Iterator[StopRequest]:
         _current_stop.reset(token)
 
 
+def stop_requested() -> bool:
+    """Whether SIGINT or SIGTERM arrived during the current job. A signal that lands inside a
+    library may come out as another exception (OmegaConf turned one into a ConfigKeyError): a job
+    that fails after one was interrupted, not failed."""
+    request = _current_stop.get()
+    return request is not None and request.requested
+
+
 def check_stop() -> None:
     """Raise KeyboardInterrupt if the current job was asked to stop; raise QsweepError if something
     the job depends on failed (`watching`)."""
