@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing import forkserver
 from pathlib import Path
 
 PRELOAD = ["forkedcli", "fakeplugins", "qsweep.cli", "qsweep.job", "mlflow.tracking",
@@ -22,9 +23,20 @@ PRELOAD = ["forkedcli", "fakeplugins", "qsweep.cli", "qsweep.job", "mlflow.track
 
 @functools.cache
 def forks():
-    """The forkserver context (one per test process; started on first use)."""
+    """The forkserver context (one per test process), started here with tests/ on its PYTHONPATH:
+    Python 3.11's forkserver does not take the parent's sys.path, and would preload the fakes and
+    this module nowhere (each child then imported them itself, and a signal could land there)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), before]))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
     return context
 
 

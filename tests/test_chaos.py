@@ -224,7 +224,7 @@ class Chaos:
             v.append(f"exit 2 (refused) but {len(mine)} run(s) were made")
         elif code not in (0, 1, 2, 130, -9):
             v.append(f"exit code {code}: {said[-300:]!r}")
-        if code == 1 and "Traceback" in said:
+        if code == 1 and mine and "Traceback" in said:  # (before any run: a Ctrl-C during Python's start)
             v.append("a traceback on the terminal")
 
         # a job that failed before measuring records no result
