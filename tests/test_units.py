@@ -901,3 +901,18 @@ def test_a_new_sqlite_store_is_made_whole_or_not_at_all(tmp_path, monkeypatch):
     tracking.create_sqlite_store(uri)
     assert store.is_file() and [p.name for p in store.parent.iterdir()] == ["mlflow.db"]
     assert real(tracking_uri=uri).get_experiment_by_name("Default") is not None
+
+
+def test_front_end_build_settings_replace_what_an_earlier_set_up_appended(tmp_path):
+    """The extracted sdist is kept between builds: its CMakeLists.txt gets one qsweep block, the
+    current one, whatever an earlier set-up appended (here: the unity-only block of 2026-12-07)."""
+    cmake = tmp_path / "vendor" / "llama.cpp" / "CMakeLists.txt"
+    cmake.parent.mkdir(parents=True)
+    upstream = "project(llama)\ninstall(FILES llama.pc DESTINATION lib)\n"
+    cmake.write_text(upstream + "\n# qsweep: unity builds for the C++ front ends (qsweep/envs.py)\nforeach(x)\n")
+    envs.front_end_build_settings(tmp_path)
+    envs.front_end_build_settings(tmp_path)
+    text = cmake.read_text()
+    assert text.startswith(upstream) and text.count("# qsweep:") == 1 and "foreach(x)" not in text
+    assert "target_compile_options(${target} PRIVATE -O1)" in text
+    assert "foreach(target llama-common mtmd server-context llama-server-impl cpp-httplib)" in text
