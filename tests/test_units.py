@@ -909,7 +909,8 @@ def test_front_end_build_settings_replace_what_an_earlier_set_up_appended(tmp_pa
     cmake = tmp_path / "vendor" / "llama.cpp" / "CMakeLists.txt"
     cmake.parent.mkdir(parents=True)
     upstream = "project(llama)\ninstall(FILES llama.pc DESTINATION lib)\n"
-    cmake.write_text(upstream + "\n# qsweep: unity builds for the C++ front ends (qsweep/envs.py)\nforeach(x)\n")
+    earlier = "\n# qsweep: unity builds for the C++ front ends (qsweep/envs.py)\nforeach(x)\n"
+    cmake.write_text(upstream + earlier)
     envs.front_end_build_settings(tmp_path)
     envs.front_end_build_settings(tmp_path)
     text = cmake.read_text()
