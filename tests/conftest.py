@@ -28,10 +28,14 @@ def run_cli(
     fakes: bool = False,
     mlruns: Path | None = None,
     forked: bool = True,
+    seed: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m qsweep ARGS` with MLflow (unless `mlruns` says where), caches and outputs under
     `tmp`; with `fakes`, the fake plug-ins of tests/fakeplugins.py are loaded the way a third
-    party's would be, in a fork of a process that has them imported (unless not `forked`)."""
+    party's would be, in a fork of a process that has them imported (unless not `forked`); with
+    `seed` (the gguf_seed fixture), the artifact cache starts as a copy of it."""
+    if seed is not None:
+        seed_cache(seed, tmp / "cache")
     argv = [
         *args,
         f"paths.mlruns={mlruns or tmp / 'mlruns'}",
@@ -109,6 +113,27 @@ def smollm2(llamacpp_env, shared_model_cache, tmp_path_factory):
     return models.prepare(models.from_conf("smollm2-135m"), "smollm2-135m", ctx)
 
 
+@pytest.fixture(scope="session")
+def gguf_seed(smollm2, shared_model_cache, tmp_path_factory) -> Path:
+    """An artifact cache holding the default model's f16 GGUF, converted once per session: the
+    end-to-end and fault tests start from a copy of it (`run_cli(seed=...)`) instead of converting
+    the model again each (9 s here, twice that on an AVX2-only CPU). The conversion stays tested
+    where it is the subject: tests/test_llamacpp.py, and the fault tests of full disks and
+    concurrent builds, which start from an empty cache."""
+    from qsweep.methods import baseline
+
+    ctx = job_context(tmp_path_factory.mktemp("gguf-seed"), shared_model_cache)
+    baseline.BaselineMethod().build(baseline.Config(), smollm2, "gguf", ctx)
+    return ctx.artifact_cache.root
+
+
+def seed_cache(seed: Path, cache: Path) -> None:
+    """A copy, not links: a test that damages a cached file (tests/test_faults.py) damages its own."""
+    import shutil
+
+    shutil.copytree(seed, cache, dirs_exist_ok=True)
+
+
 # The one real sweep of HF-format methods on vLLM (and GGUF on llama.cpp beside it), shared by the
 # tests that read it (tests/test_e2e.py's mixed-sweep test, tests/test_vllm.py's baseline): a vLLM
 # server start and its evaluation cost minutes on an AVX2-only CPU, so nothing serves the baseline twice.
@@ -128,13 +153,11 @@ MIXED_SWEEP = (
 
 
 @pytest.fixture(scope="session")
-def mixed_sweep(
-    llamacpp_env, shared_model_cache, tmp_path_factory
-) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: E501
+def mixed_sweep(gguf_seed, shared_model_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """MIXED_SWEEP through the real CLI, once per session: (its folder, with mlruns/ and cache/; what
     it printed). Set up before any test's own QSWEEP_HOME, so the model cache is named here."""
     tmp = tmp_path_factory.mktemp("mixed-sweep")
-    return tmp, run_cli(*MIXED_SWEEP, f"paths.model_cache={shared_model_cache}", tmp=tmp)
+    return tmp, run_cli(*MIXED_SWEEP, f"paths.model_cache={shared_model_cache}", tmp=tmp, seed=gguf_seed)
 
 
 def sweep_runs(tmp: Path):

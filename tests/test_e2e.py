@@ -27,8 +27,8 @@ SHORT_LOAD = ["benchmark.perf.requests_per_level=1", "benchmark.perf.output_toke
 runs = sweep_runs
 
 
-def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, llamacpp_env):
-    done = run_cli("-m", *SMALL, *OBJECTIVE, *SHORT_LOAD, tmp=tmp_path)
+def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, gguf_seed):
+    done = run_cli("-m", *SMALL, *OBJECTIVE, *SHORT_LOAD, tmp=tmp_path, seed=gguf_seed)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 job(s) composed and checked" in done.stdout
     for stage in ("model", "quantize", "serve", "benchmark_ppl", "benchmark_perf"):
@@ -187,10 +187,9 @@ def render_in_browser(html: Path, screenshot: Path) -> dict:
     return {"rows": rows, "plots": len(images), "images": images}
 
 
-def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):
-    done = run_cli(
-        "-m", "method=none,gguf-q4_k_m", "engine.extra_args=[--no-such-flag]", *SMALL, tmp=tmp_path
-    )
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, gguf_seed):
+    bad_flag = "engine.extra_args=[--no-such-flag]"
+    done = run_cli("-m", "method=none,gguf-q4_k_m", bad_flag, *SMALL, tmp=tmp_path, seed=gguf_seed)
     assert done.returncode == 1
     assert "2 job(s) failed" in done.stderr and "Traceback" not in done.stderr
     _, every = runs(tmp_path)
@@ -200,13 +199,15 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, llamacpp_env):
     assert [r.info.status for r in every if r.data.tags.get("qsweep.kind") == "sweep"] == ["FAILED"]
 
 
-def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, llamacpp_env):
+def test_sigterm_mid_benchmark_stops_everything_and_marks_runs_killed(tmp_path, gguf_seed):
     import signal
     import subprocess
     import sys
     import time
 
-    from conftest import REPO
+    from conftest import REPO, seed_cache
+
+    seed_cache(gguf_seed, tmp_path / "cache")
 
     cmd = [
         sys.executable,
@@ -345,7 +346,7 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(mixed_sweep):
     assert w8a8["lmeval_gsm8k"] == pytest.approx(harness["qsweep_gsm8k"]["exact_match,flexible-extract"])
 
 
-def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_path, llamacpp_env):
+def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_path, gguf_seed):
     """Issue 4's sweep, every benchmark. The quantized job runs first, so it evaluates the baseline
     itself (once, all benchmarks on one server); the baseline job that follows measures the same
     numbers independently. A tight gate is missed, and said so."""
@@ -366,6 +367,7 @@ def test_quantized_job_is_compared_with_a_baseline_evaluated_once_and_gated(tmp_
         "benchmark.perf.slo.max_concurrency=2",
         "gates.ppl_ratio_max=1.001",
         tmp=tmp_path,
+        seed=gguf_seed,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("evaluating the baseline once for comparison") == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, live_processes, run_cli
+from conftest import REPO, cli_env, live_processes, run_cli, seed_cache
 from fakeplugins import write_fake_checkpoint
 from test_e2e import _children_running, runs
 
@@ -30,9 +30,11 @@ SHORT_PERF = ["method=none", "benchmark=[perf]", "benchmark.perf.concurrency=[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One artifact cache for the module: the f16 GGUF is converted once."""
-    return tmp_path_factory.mktemp("fault-cache")
+def cache(tmp_path_factory, gguf_seed) -> Path:
+    """One artifact cache for the module, starting with the session's f16 GGUF (conftest.gguf_seed)."""
+    path = tmp_path_factory.mktemp("fault-cache")
+    seed_cache(gguf_seed, path)
+    return path
 
 
 def read_until(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: float = 600) -> None:
@@ -96,8 +98,9 @@ def test_a_server_that_dies_or_stops_answering_mid_load_test_fails_the_job_and_t
                     f"'{error[:60]}...', next job FINISHED")  # fmt: skip
 
 
-def test_a_server_that_will_not_start_fails_fast_with_its_own_error(tmp_path, cache, llamacpp_env):
-    done = run_cli("-m", *SHORT_PERF, "engine.extra_args=[--no-such-flag]", tmp=tmp_path, timeout_s=600)
+def test_a_server_that_will_not_start_fails_fast_with_its_own_error(tmp_path, gguf_seed):
+    bad_flag = "engine.extra_args=[--no-such-flag]"
+    done = run_cli("-m", *SHORT_PERF, bad_flag, tmp=tmp_path, timeout_s=600, seed=gguf_seed)
     assert done.returncode == 1, done.stdout[-3000:]
     _, every = runs(tmp_path)
     job = next(r for r in every if r.data.tags.get("qsweep.kind") == "job")
@@ -120,9 +123,9 @@ def test_a_port_in_use_is_refused_before_anything_runs(tmp_path):
     INJECTED.append("engine.port taken by another process: refused at pre-flight, exit 2, no run")
 
 
-def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, llamacpp_env):
+def test_a_corrupted_cached_artifact_is_rebuilt_not_served(tmp_path, gguf_seed):
     ppl = ["benchmark=[ppl]", "benchmark.ppl.max_tokens=1024"]
-    first = run_cli(*ppl, tmp=tmp_path, timeout_s=900)
+    first = run_cli(*ppl, tmp=tmp_path, timeout_s=900, seed=gguf_seed)
     assert first.returncode == 0, first.stdout[-3000:]
     gguf = next((tmp_path / "cache").glob("gguf-base/*/model-f16.gguf"))  # run_cli's cache
     size = gguf.stat().st_size
@@ -308,7 +311,7 @@ def test_two_sweeps_at_once_on_one_cache_build_each_entry_once(tmp_path, llamacp
 
 
 def test_a_killed_controller_takes_its_tools_along_and_the_next_sweep_closes_its_runs(
-    tmp_path, cache, llamacpp_env
+    tmp_path, cache, gguf_seed
 ):
     """SIGKILL (no `finally` runs) during the load test: llama-server and evalscope go with it (they
     get SIGKILL when their parent dies); the next sweep on the store marks the runs FAILED."""
@@ -326,7 +329,7 @@ def test_a_killed_controller_takes_its_tools_along_and_the_next_sweep_closes_its
     no_orphans(str(cache))
     _, before = runs(tmp_path)
     assert sorted(r.info.status for r in before) == ["RUNNING", "RUNNING"]
-    again = run_cli("-m", *SHORT_PERF, tmp=tmp_path, timeout_s=900)
+    again = run_cli("-m", *SHORT_PERF, tmp=tmp_path, timeout_s=900, seed=gguf_seed)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "marked 2 abandoned run(s) FAILED" in again.stdout
     client, after = runs(tmp_path)
