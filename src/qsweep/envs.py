@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from qsweep import environ, logs, procs
+from qsweep import environ, installer, logs, procs
 from qsweep.errors import QsweepError
 
 log_ = logging.getLogger("qsweep.envs")  # `log` is the build-log path throughout this module
@@ -331,12 +331,10 @@ def llamacpp_system_info(root: Path) -> str:
 
 
 def _pip(env: StageEnv, *args: str, log: Path, what: str, timeout_s: float = 1800, **extra_env: str) -> None:
+    """`pip install args` into `env`, by uv where the controller has it (qsweep.installer)."""
+    command, installer_env = installer.install_command(env.python, *args)
     procs.run(
-        [env.python, "-m", "pip", "install", "--disable-pip-version-check", *args],
-        log_path=log,
-        timeout_s=timeout_s,
-        what=what,
-        env=env.environ(**extra_env),
+        command, log_path=log, timeout_s=timeout_s, what=what, env=env.environ(**installer_env, **extra_env)
     )
 
 
