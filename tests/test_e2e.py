@@ -318,6 +318,12 @@ def test_mixed_sweep_skips_unsupported_pairs_and_quantizes_once(mixed_sweep):
     for kind in ("hf-quantized", "gguf-base", "gguf"):
         assert len([p for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()]) == 1, kind
     assert "SKIPPED" in done.stdout  # the summary table names the skipped pairs
+    # vLLM on the CPU ran the model inside its engine process (no third, worker process)
+    client, _ = runs(tmp_path)
+    run_id = children["smollm2-135m/w8a8-smoothquant/vllm"].info.run_id
+    server_log = Path(client.download_artifacts(run_id, "logs/server.log", str(tmp_path))).read_text()
+    assert "--distributed-executor-backend uni" in server_log and "(EngineCore pid=" in server_log
+    assert "(Worker pid=" not in server_log
 
     # lm-eval: every task on vLLM, GSM8K alone on llama-server, paired deltas against each baseline
     for metrics, tasks in ((w8a8, ("hellaswag", "arc_challenge", "gsm8k")), (q4, ("gsm8k",))):
