@@ -86,7 +86,7 @@ def test_result_neutral_settings_are_marked_where_they_are_declared():
     the table missed (a job sized for accuracy's longer requests re-measured its perplexity)."""
     volatile = {"host", "port", "startup_timeout_s", "request_timeout_s", "smoke_prompt", "smoke_max_tokens",
                 "fit_to_load", "parallel", "ctx_size", "max_num_seqs", "kv_cache_gb", "max_model_len",
-                "max_logprobs"}  # fmt: skip
+                "max_logprobs", "cpu_worker_in_engine"}  # fmt: skip
     for name in ("llamacpp", "vllm"):
         cfg = ENGINES.get(name).Config()
         marked = {

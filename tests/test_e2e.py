@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["benchmark.ppl.max_tokens=2048"]
 # the default sweep's load test with a latency objective: evalscope's SLA search finds each job's capacity
-OBJECTIVE = ["benchmark.perf.slo.ttft_p99_ms=1000", "benchmark.perf.slo.max_concurrency=4"]
+OBJECTIVE = ["benchmark.perf.slo.ttft_p99_ms=1000", "benchmark.perf.slo.max_concurrency=2"]
 PPL_ONLY = "benchmark=[ppl]"  # tests about other things skip the default short load test
 # the default sweep's load test, shorter still: one request per user and level, 16 tokens out
 SHORT_LOAD = ["benchmark.perf.requests_per_level=1", "benchmark.perf.output_tokens=16"]
@@ -49,7 +49,7 @@ def test_default_sweep_end_to_end_then_fully_cached_and_its_report(tmp_path, ggu
         # the default sweep's short load test ran on the same server, with a fair slot count, and
         # found the highest concurrency meeting the objective (0 when even one user misses it)
         assert m["perf_success_rate_min"] == 1 and p["served.parallel"] == "4"
-        assert m["perf_capacity"] in (0, 1, 2, 3, 4) and m["perf_slo_probes"] >= 1
+        assert m["perf_capacity"] in (0, 1, 2) and m["perf_slo_probes"] >= 1
         assert p["benchmark.perf.slo.ttft_p99_ms"] == "1000.0" and m["server_peak_rss_mb"] > 100
         curve = client.get_metric_history(run.info.run_id, "perf_output_tok_s")
         assert sorted(point.step for point in curve) == [1, 4] and all(pt.value > 0 for pt in curve)
