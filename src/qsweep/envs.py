@@ -379,7 +379,7 @@ def build_llamacpp(env: StageEnv, log: Path) -> dict:
     leave_out_unused_tools(src)
     front_end_build_settings(src)
     cmake_args = llama_cmake_args()
-    log_.info("  compiling llama.cpp (about 5 min on 2 cores; log: %s)", log)
+    log_.info("  compiling llama.cpp (about 4 min on 2 cores; log: %s)", log)
     procs.run(
         [env.python, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-v", src],
         log_path=log,
