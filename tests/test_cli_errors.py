@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REAL_ENVS, REPO, run_cli
 from qsweep.envs import HOME_ENV_VAR
 
 CASES = [
@@ -175,7 +175,9 @@ def outcomes(tmp_path_factory):
     case id -> (outcome, its folder)."""
     folders = {case: tmp_path_factory.mktemp("bad-input") for case in IDS}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(HOME_ENV_VAR, str(tmp_path_factory.mktemp("home")))
+        home = tmp_path_factory.mktemp("home")
+        (home / "envs").symlink_to(REAL_ENVS, target_is_directory=True)  # only the input is wrong
+        patch.setenv(HOME_ENV_VAR, str(home))
         patch.chdir(REPO)  # cases name files relative to the repository
         pairs = zip(IDS, CASES, strict=True)
         return {case: (run_main(args, folders[case]), folders[case]) for case, (args, _, _) in pairs}
@@ -199,3 +201,17 @@ def test_bad_input_is_one_clear_line(args, first, second, outcomes, request):
     assert lines[0].startswith("qsweep: ") and first in lines[0] and second in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "mlruns").exists(), "no MLflow store may be created for bad input"
+
+
+def test_a_stage_environment_not_set_up_is_refused_at_pre_flight(tmp_path, monkeypatch):
+    """A home whose stage environments were never built: refused before any run is made, naming
+    each environment the jobs need (llama.cpp's for the server, evalscope's for the load test)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv(HOME_ENV_VAR, str(home))
+    monkeypatch.chdir(REPO)
+    done = run_main(["-m", "method=none,gguf-q4_k_m", "benchmark=[ppl,perf]"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"qsweep: stage environment(s) evalscope, llamacpp not set up in {home / 'envs'}: run ./setup.sh"
+    )
+    assert not (tmp_path / "mlruns").exists()

@@ -265,6 +265,24 @@ def cannot_run_here(plans: list[JobPlan]) -> str | None:
     )
 
 
+def missing_stage_envs(plans: list[JobPlan]) -> str | None:
+    """One line naming the stage environments the jobs need that ./setup.sh has not built here (a
+    job would fail on it after its run was made and its model prepared), or None."""
+    missing: dict[str, Path] = {}
+    for plan in plans:
+        if plan.skip_reason or plan.remote:  # a node of the cluster has its own
+            continue
+        ctx = plan.context(Path(tempfile.gettempdir()))
+        for spec in plan.stage_envs():
+            env = ctx.stage_env(spec)
+            if not env.is_set_up():
+                missing.setdefault(spec.name, env.root.parent)
+    if not missing:
+        return None
+    where = ", ".join(sorted({str(folder) for folder in missing.values()}))
+    return f"stage environment(s) {', '.join(sorted(missing))} not set up in {where}: run ./setup.sh"
+
+
 def completion() -> None:
     """Hydra's shell completion (`--shell-completion install=bash`, then the queries bash sends),
     with the plug-ins' schema entries left out of the words it offers."""
@@ -312,7 +330,23 @@ def main() -> None:
         except KeyboardInterrupt:
             print("qsweep: interrupted during the pre-flight; nothing was run", file=sys.stderr)
             sys.exit(130)
+        skip_the_sweepers_second_composition()
     run_hydra()
+
+
+def skip_the_sweepers_second_composition() -> None:
+    """Hydra's BasicSweeper composes every job before its launcher composes it again, only to find
+    one that cannot be composed (Sweeper.validate_batch_is_legal: "This repeat work the launcher
+    will do"). The pre-flight has composed every job already, so the basic sweeper's check is left
+    out: a fake 1-job sweep 0.92 -> 0.82 s, 2 jobs 1.55 -> 1.44 s (median of 5, 2026-12-07), most
+    of it Hydra composing. Other sweepers keep theirs: a search proposes jobs no pre-flight saw."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    BasicSweeper.validate_batch_is_legal = _composed_at_preflight  # type: ignore[method-assign]
+
+
+def _composed_at_preflight(self: object, batch: object) -> None:
+    """BasicSweeper.validate_batch_is_legal once the pre-flight has composed the batch."""
 
 
 def checked_before_running(overrides: list[str], multirun: bool) -> bool:
@@ -326,9 +360,9 @@ def checked_before_running(overrides: list[str], multirun: bool) -> bool:
         for line in dryrun.report(plans):
             log.info(line)
         return False
-    reasons = cannot_run_here(plans)
-    if reasons:
-        raise QsweepError(reasons)
+    for reasons in (cannot_run_here(plans), missing_stage_envs(plans)):
+        if reasons:
+            raise QsweepError(reasons)
     for plan in {(str(p.tracking), str(p.paths)): p for p in plans}.values():  # last: opening makes it
         tracking.check_store(SimpleNamespace(tracking=plan.tracking, paths=plan.paths))
     for plan in plans:
