@@ -99,15 +99,22 @@ def test_a_server_that_dies_or_stops_answering_mid_load_test_fails_the_job_and_t
 
 
 def test_a_server_that_will_not_start_fails_fast_with_its_own_error(tmp_path, gguf_seed):
+    """Each job of the sweep fails at its server's start, says why in its run, and the sweep goes
+    on to the next job (a quantized one: built, then failing the same way)."""
     bad_flag = "engine.extra_args=[--no-such-flag]"
-    done = run_cli("-m", *SHORT_PERF, bad_flag, tmp=tmp_path, timeout_s=600, seed=gguf_seed)
+    two_jobs = [a for a in SHORT_PERF if not a.startswith("method=")] + ["method=none,gguf-q4_k_m"]
+    done = run_cli("-m", *two_jobs, bad_flag, tmp=tmp_path, timeout_s=600, seed=gguf_seed)
     assert done.returncode == 1, done.stdout[-3000:]
+    assert "2 job(s) failed" in done.stderr and "Traceback" not in done.stderr
     _, every = runs(tmp_path)
-    job = next(r for r in every if r.data.tags.get("qsweep.kind") == "job")
-    error = job.data.tags["qsweep.error"]
-    assert job.info.status == "FAILED" and "llama-server exited with code" in error
-    assert "no-such-flag" in error  # the server's own line
-    assert "time_serve_s" in job.data.metrics and job.data.metrics["time_serve_s"] < 120  # not a timeout
+    jobs = [r for r in every if r.data.tags.get("qsweep.kind") == "job"]
+    assert [r.data.params["method.name"] for r in jobs] == ["none", "gguf-q4_k_m"]
+    for job in jobs:
+        error = job.data.tags["qsweep.error"]
+        assert job.info.status == "FAILED" and "llama-server exited with code" in error
+        assert "no-such-flag" in error  # the server's own line
+        assert "time_serve_s" in job.data.metrics and job.data.metrics["time_serve_s"] < 120  # not a timeout
+    assert [r.info.status for r in every if r.data.tags.get("qsweep.kind") == "sweep"] == ["FAILED"]
     no_orphans(str(tmp_path))
     INJECTED.append("llama-server with a bad flag: FAILED in seconds with the server's own line")
 
