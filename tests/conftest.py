@@ -187,6 +187,18 @@ def live_processes(marker: str) -> list[tuple[int, str]]:
     return found
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where no CUDA GPU is present (asked only
+    when one is collected: nvidia-smi is not free)."""
+    needing = [item for item in items if item.get_closest_marker("gpu")]
+    if needing:
+        from qsweep.envs import has_cuda_gpu
+
+        if not has_cuda_gpu():
+            for item in needing:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: `nvidia-smi -L` lists none here"))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The fault suite's count of what it injected and how each ended (tests/test_faults.py)."""
     faults = sys.modules.get("test_faults")

@@ -85,10 +85,13 @@ class Case:
 
 
 def wait_for(proc: forkedcli.Forked, text: str, timeout_s: float = 60) -> None:
+    """Until the controller prints `text`; fails the test if it ends or `timeout_s` passes first."""
     deadline = time.monotonic() + timeout_s
     for line in proc.stdout:
-        if text in line or time.monotonic() > deadline:
+        if text in line:
             return
+        assert time.monotonic() < deadline, f"no {text!r} from the controller in {timeout_s} s"
+    raise AssertionError(f"the controller ended without printing {text!r}")
 
 
 SCENARIOS: dict[str, Callable[[Case], Any]] = {}

@@ -175,14 +175,17 @@ def test_params_are_flattened_and_secrets_masked():
     assert flat == {"engine.port": "0", "engine.api_key": "***", "engine.extra.hf_token": "***", "n": ""}
 
 
-def test_free_port_is_bindable():
+def test_free_port_is_bindable_and_port_taken_sees_a_listener():
     import socket
 
-    from qsweep.engines.http import free_port
+    from qsweep.engines.http import free_port, port_taken
 
     port = free_port("127.0.0.1")
+    assert 1024 <= port < 65536 and not port_taken("127.0.0.1", port)
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
+        sock.bind(("127.0.0.1", port))  # raises if the port was not free
+        sock.listen()
+        assert port_taken("127.0.0.1", port)
 
 
 def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
