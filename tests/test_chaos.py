@@ -145,7 +145,13 @@ class Chaos:
         try:
             process.wait(TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            sweep.violations.append(f"the controller still ran after {TIMEOUT_S} s (hung)")
+            before = output.stat().st_size if output.exists() else 0
+            process.send_signal(signal.SIGUSR1)  # its faulthandler writes every thread's stack
+            time.sleep(2)
+            with open(output, "rb") as said:
+                said.seek(before)
+                stacks = said.read(6000).decode(errors="replace")
+            sweep.violations.append(f"the controller still ran after {TIMEOUT_S} s (hung), in:\n{stacks}")
             process.kill()
             process.wait(10)
         done.set()

@@ -920,3 +920,40 @@ def test_front_end_build_settings_replace_what_an_earlier_set_up_appended(tmp_pa
     assert text.startswith(upstream) and text.count("# qsweep:") == 1 and "foreach(x)" not in text
     assert "target_compile_options(${target} PRIVATE -O1)" in text
     assert "foreach(target llama-common mtmd server-context llama-server-impl cpp-httplib)" in text
+
+
+def test_an_interrupt_after_the_last_run_closed_keeps_the_recorded_outcome(monkeypatch, capsys):
+    """Ctrl-C landing after the sweep's last run was set FINISHED in the store but before this
+    process forgot it (a race the chaos test found): exit 0 with every run FINISHED, not 130 with
+    nothing marked KILLED."""
+    from types import SimpleNamespace
+
+    from qsweep import cli
+
+    store = {"job": "RUNNING", "parent": "RUNNING"}
+    client = SimpleNamespace(
+        get_run=lambda run_id: SimpleNamespace(
+            info=SimpleNamespace(status=store[run_id]), data=SimpleNamespace(tags={})
+        ),
+        set_terminated=lambda run_id, status: store.__setitem__(run_id, status),
+        set_tag=lambda *args: None,
+    )
+    monkeypatch.setattr(tracking, "_open_runs", {})
+    monkeypatch.setattr(tracking, "_closed_statuses", [])
+
+    def sweep():
+        tracking.opened(client, "parent")
+        tracking.opened(client, "job")
+        tracking.terminate(client, "job", "FINISHED")
+        client.set_terminated(
+            "parent", "FINISHED"
+        )  # in the store; the interrupt lands before it is forgotten
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "hydra_main", sweep)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its handlers
+    with pytest.raises(SystemExit) as done:
+        cli.run_hydra()
+    assert done.value.code == 0 and store == {"job": "FINISHED", "parent": "FINISHED"}
+    assert "interrupted after every run was recorded" in capsys.readouterr().err
+    assert tracking.open_runs() == [] and tracking.closed_statuses() == ["FINISHED", "FINISHED"]

@@ -384,12 +384,13 @@ def run_hydra() -> None:
     an interrupt (Ctrl-C, SIGTERM) KILLED, an error FAILED. Only SIGKILL and the like leave a run
     RUNNING, for the next sweep's abandoned-run check."""
 
-    def close(status: str, reason: str) -> None:
+    def close(status: str, reason: str) -> list[str]:
         for sig in procs.STOP_SIGNALS:  # a second Ctrl-C must not cut the closing short
             signal.signal(sig, signal.SIG_IGN)
         closed = tracking.close_open_runs(status, reason)
         if closed:
             log.warning("closed %d run(s) %s: %s", len(closed), status, reason)
+        return closed
 
     signal.signal(signal.SIGTERM, _terminated)  # as Ctrl-C: jobs stop their servers, runs are closed
     try:
@@ -399,12 +400,12 @@ def run_hydra() -> None:
         print(f"qsweep: {failed}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
-        if not tracking.open_runs() and tracking.closed_statuses():
-            # every run was closed before the interrupt landed: the recorded outcome stands
+        if not close("KILLED", f"interrupted ({err or 'SIGINT'})") and tracking.closed_statuses():
+            # every run was closed before the interrupt landed (the last perhaps in the store but
+            # not yet forgotten here: close_open_runs found it closed): the recorded outcome stands
             recorded = tracking.closed_statuses()
             print("qsweep: interrupted after every run was recorded", file=sys.stderr)
             sys.exit(130 if "KILLED" in recorded else 1 if "FAILED" in recorded else 0)
-        close("KILLED", f"interrupted ({err or 'SIGINT'})")
         print("qsweep: interrupted; servers stopped, runs marked KILLED", file=sys.stderr)
         sys.exit(130)
     except SystemExit as done:  # Hydra printed the error that stopped it, then exited
