@@ -145,7 +145,7 @@ class Chaos:
         try:
             process.wait(TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            before = output.stat().st_size if output.exists() else 0
+            before = output.stat().st_size  # forkedcli.start made the file
             process.send_signal(signal.SIGUSR1)  # its faulthandler writes every thread's stack
             time.sleep(2)
             with open(output, "rb") as said:

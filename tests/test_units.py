@@ -945,9 +945,8 @@ def test_an_interrupt_after_the_last_run_closed_keeps_the_recorded_outcome(monke
         tracking.opened(client, "parent")
         tracking.opened(client, "job")
         tracking.terminate(client, "job", "FINISHED")
-        client.set_terminated(
-            "parent", "FINISHED"
-        )  # in the store; the interrupt lands before it is forgotten
+        # the parent closed in the store; the interrupt lands before this process forgets it
+        client.set_terminated("parent", "FINISHED")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "hydra_main", sweep)

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from qsweep import config, devices, dryrun, job, logs, procs, tracking
+from qsweep.context import JobContext
 from qsweep.errors import QsweepError
 from qsweep.plan import (
     JobPlan,
@@ -248,13 +250,19 @@ def _unselected(overrides: list[str]) -> str:
     return f"cannot apply the overrides {' '.join(overrides)}: a key sits under a setting that is null"
 
 
+def run_here(plans: list[JobPlan]) -> Iterator[tuple[JobPlan, JobContext]]:
+    """The jobs this machine will run (not skipped; not on a cluster's node, which has its own
+    hub access, GPUs and environments), each with a context for its checks."""
+    for plan in plans:
+        if not (plan.skip_reason or plan.remote):
+            yield plan, plan.context(Path(tempfile.gettempdir()))
+
+
 def cannot_run_here(plans: list[JobPlan]) -> str | None:
     """One line saying which jobs this machine cannot run and why (no hub, no GPU), or None."""
     blocked: dict[str, list[str]] = {}
-    for plan in plans:
-        if plan.skip_reason or plan.remote:  # a node of the cluster, not this machine, runs it
-            continue
-        for reason in plan.unavailable(plan.context(Path(tempfile.gettempdir()))):
+    for plan, ctx in run_here(plans):
+        for reason in plan.unavailable(ctx):
             blocked.setdefault(reason, []).append(plan.name)
     if not blocked:
         return None
@@ -269,10 +277,7 @@ def missing_stage_envs(plans: list[JobPlan]) -> str | None:
     """One line naming the stage environments the jobs need that ./setup.sh has not built here (a
     job would fail on it after its run was made and its model prepared), or None."""
     missing: dict[str, Path] = {}
-    for plan in plans:
-        if plan.skip_reason or plan.remote:  # a node of the cluster has its own
-            continue
-        ctx = plan.context(Path(tempfile.gettempdir()))
+    for plan, ctx in run_here(plans):
         for spec in plan.stage_envs():
             env = ctx.stage_env(spec)
             if not env.is_set_up():
