@@ -62,10 +62,9 @@ class FakeQuantConfig:
 
 
 @METHODS.register("fakequant")
-class FakeQuant(Method):
+class FakeQuant(Method[FakeQuantConfig]):
     """Writes a 'quantized model' file holding its noise level; cached like a real artifact."""
 
-    Config = FakeQuantConfig
     formats = ("fake",)
 
     def check(self, cfg: FakeQuantConfig) -> None:
@@ -265,10 +264,9 @@ _squatted: list[socket.socket] = []  # FakeBenchConfig.squat_port's socket, open
 
 
 @BENCHMARKS.register("fakebench")
-class FakeBench(Benchmark):
+class FakeBench(Benchmark[FakeBenchConfig]):
     """Asks the served API once and scores samples 0/1 from the artifact's bits; paired delta."""
 
-    Config = FakeBenchConfig
     requires = (ChatEndpoint,)
 
     def load(self, cfg: FakeBenchConfig) -> Load:

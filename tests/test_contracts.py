@@ -130,10 +130,9 @@ def test_contract_check_catches_a_careless_benchmark():
     class NeedsValue:
         path: Path  # no default: `benchmark=[careless]` alone could never compose
 
-    class Careless(Benchmark):
+    class Careless(Benchmark[NeedsValue]):
         """Counts things."""
 
-        Config = NeedsValue
         requires = (Path,)
 
         def run(self, cfg, served, ctx):
@@ -150,3 +149,40 @@ def test_a_registry_refuses_a_class_outside_its_kind_and_a_second_one_under_a_na
     known = type(METHODS.get("gguf"))
     with pytest.raises(ValueError, match="registered twice"):
         METHODS.register("gguf")(type("Other", (known,), {}))
+
+
+def test_a_plugins_settings_are_its_contracts_type_argument_and_a_plugin_without_any_is_refused():
+    """`class P(Benchmark[Config])` gives P its Config (hooks typed `cfg: Config`); a subclass
+    inherits it unless it names its own; a plug-in that declares none is refused at registration."""
+
+    @dataclasses.dataclass
+    class Counted:
+        items: int = 1
+
+    @dataclasses.dataclass
+    class Weighed(Counted):
+        weight: float = 1.0
+
+    class Counts(Benchmark[Counted]):
+        def run(self, cfg: Counted, served, ctx):
+            raise NotImplementedError
+
+    class Weighs(Counts, Benchmark[Weighed]):
+        pass
+
+    class Inherits(Counts):
+        pass
+
+    assert (Counts.Config, Weighs.Config, Inherits.Config) == (Counted, Weighed, Counted)
+    from qsweep.benchmarks import ppl
+    from qsweep.engines import vllm
+
+    assert (type(BENCHMARKS.get("ppl")).Config, type(ENGINES.get("vllm")).Config) == (ppl.Config, vllm.Config)
+
+    class Undeclared(Benchmark):
+        def run(self, cfg, served, ctx):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match=r"no settings: subclass Benchmark\[<its Config dataclass>\]"):
+        BENCHMARKS.register("undeclared")(Undeclared)
+    assert "undeclared" not in BENCHMARKS.names()

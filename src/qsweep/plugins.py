@@ -20,7 +20,7 @@ import importlib.metadata
 import os
 import pkgutil
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from qsweep.errors import QsweepError
 
@@ -29,8 +29,25 @@ MODULES_ENV_VAR = "QSWEEP_PLUGINS"
 BUILTIN_PACKAGES = ("qsweep.methods", "qsweep.engines", "qsweep.benchmarks")
 
 P = TypeVar("P")
+C = TypeVar("C")  # a plug-in's settings: the dataclass of its schema
 _REGISTRIES: list[Registry] = []
 _loaded: set[str] = set()
+
+
+class Plugin(Generic[C]):
+    """What the contract of every plug-in kind shares: the name it is registered under and its typed
+    settings, the dataclass given as its contract's type argument (`class Perplexity(Benchmark[Config])`),
+    which its hooks receive as `cfg: Config`. A class attribute `Config = ...` works too."""
+
+    name: ClassVar[str]  # set by the registration
+    Config: ClassVar[type[Any]]  # schema `<group>/<name>_schema`
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):  # this class statement's own bases
+            origin, args = get_origin(base), get_args(base)
+            if isinstance(origin, type) and issubclass(origin, Plugin) and args and isinstance(args[0], type):
+                cls.Config = args[0]
 
 
 class Registry(Generic[P]):
@@ -50,6 +67,10 @@ class Registry(Generic[P]):
         def add(cls: type) -> type:
             if not (isinstance(cls, type) and issubclass(cls, self.contract)):
                 raise TypeError(f"{cls!r} must subclass {self.contract.__name__} to be a {self.kind}")
+            if not isinstance(getattr(cls, "Config", None), type):
+                raise TypeError(
+                    f"{cls!r} declares no settings: subclass {self.contract.__name__}[<its Config dataclass>]"
+                )
             known = self._plugins.get(name)
             if known is not None and type(known).__qualname__ != cls.__qualname__:
                 raise ValueError(f"{self.kind} '{name}' is registered twice ({type(known)!r} and {cls!r})")

@@ -61,10 +61,9 @@ PROMPT_TOKENS = 1024
 
 
 @BENCHMARKS.register("accuracy")
-class Accuracy(Benchmark):
+class Accuracy(Benchmark[Config]):
     """Task accuracy with evalscope eval; per-sample scores for paired deltas against the baseline."""
 
-    Config = Config
     env = envs.EVALSCOPE
     requires = (ChatEndpoint,)
     compare_revision = 1  # 1: answer flips added

@@ -1,6 +1,6 @@
 """The benchmark contract: how a plug-in measures a served model.
 
-To add a benchmark: a module in this package with a `Config` dataclass and a `Benchmark` subclass
+To add a benchmark: a module in this package with a `Config` dataclass and a `Benchmark[Config]` subclass
 registered with `@BENCHMARKS.register("<name>")`, a YAML option conf/benchmark/<name>.yaml
 (`# @package benchmark.<name>`, `defaults: [<name>_schema, _self_]`), a test and a README row.
 Its config gets its place in the `benchmark` container from the registration.
@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import Load, ServedModel, describe
 from qsweep.envs import StageEnvSpec
-from qsweep.plugins import Registry
+from qsweep.plugins import Plugin, Registry
+
+C = TypeVar("C")  # the plug-in's settings (its Config)
 
 
-class Benchmark(ABC):
+class Benchmark(Plugin[C], ABC):
     """Runs against a served model and returns metrics; compares itself with the baseline."""
 
-    name: ClassVar[str]  # set by the registration
-    Config: ClassVar[type]  # typed settings; schema `benchmark/<name>_schema`
     env: ClassVar[StageEnvSpec | None] = None  # a stage environment its tool runs in
     # Capability protocols (engines/served.py) the served model must implement, all of them...
     requires: ClassVar[tuple[type, ...]] = ()
@@ -35,18 +35,18 @@ class Benchmark(ABC):
     # made by an older revision are then made again, not reused.
     compare_revision: ClassVar[int] = 0
 
-    def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
+    def check(self, cfg: C) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
 
-    def after(self, cfg: Any) -> tuple[str, ...]:
+    def after(self, cfg: C) -> tuple[str, ...]:
         """Benchmarks whose results this one reads (`ctx.results`): they run before it in the job."""
         return ()
 
-    def check_selection(self, cfg: Any, selected: Mapping[str, Any]) -> None:  # noqa: B027 - optional
+    def check_selection(self, cfg: C, selected: Mapping[str, Any]) -> None:  # noqa: B027 - optional
         """Pre-flight check against the job's other selected benchmarks (name -> config); raise
         QsweepError naming the fix."""
 
-    def load(self, cfg: Any) -> Load:
+    def load(self, cfg: C) -> Load:
         """What it asks of the engine: the engine is sized for the largest load of a job's benchmarks."""
         return Load()
 
@@ -55,7 +55,7 @@ class Benchmark(ABC):
         """Whether it compares a job with the baseline (it overrides `compare`)."""
         return type(self).compare is not Benchmark.compare
 
-    def data_key(self, cfg: Any, ctx: JobContext) -> dict:
+    def data_key(self, cfg: C, ctx: JobContext) -> dict:
         """The content of the data it reads (a text's hash, a dataset file's), for the key its
         results are reused under; settings are in the key already."""
         return {}
@@ -74,14 +74,14 @@ class Benchmark(ABC):
             return "needs " + " or ".join(describe(cap) for cap in self.requires_any)
         return None
 
-    def within(self, cfg: Any, capabilities: frozenset[type]) -> tuple[Any, str | None]:
+    def within(self, cfg: C, capabilities: frozenset[type]) -> tuple[C | None, str | None]:
         """The part of its settings an engine with these capabilities can run (None: no part), and
         why the rest is left out (None: nothing is); asked at pre-flight once `unmet` found no
         capability missing. For a benchmark of several tasks that need different capabilities."""
         return cfg, None
 
     @abstractmethod
-    def run(self, cfg: Any, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
+    def run(self, cfg: C, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         """Measure; per-sample data the baseline comparison needs goes in `BenchmarkResult.samples`."""
 
     def compare(self, samples: dict, baseline: dict) -> dict[str, float]:
@@ -90,4 +90,4 @@ class Benchmark(ABC):
         return {}
 
 
-BENCHMARKS: Registry[Benchmark] = Registry("benchmark", Benchmark, group="benchmark")
+BENCHMARKS: Registry[Benchmark[Any]] = Registry("benchmark", Benchmark, group="benchmark")

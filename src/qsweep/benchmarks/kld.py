@@ -40,10 +40,9 @@ class Config:
 
 
 @BENCHMARKS.register("kld")
-class KlDivergence(Benchmark):
+class KlDivergence(Benchmark[Config]):
     """KL divergence of next-token distributions from the baseline's, on the ppl text and positions."""
 
-    Config = Config
     requires = (Tokenizes,)
     requires_any = (FullDistribution, TopKDistribution)
 

@@ -113,10 +113,9 @@ PROMPT_TOKENS = 1024
 
 
 @BENCHMARKS.register("lmeval")
-class LmEval(Benchmark):
+class LmEval(Benchmark[Config]):
     """lm-evaluation-harness tasks; per-sample scores for paired deltas against the baseline."""
 
-    Config = Config
     env = envs.LMEVAL
     requires = (ChatEndpoint,)
 

@@ -165,10 +165,9 @@ def level_metrics(level_dir: Path) -> dict[str, float]:
 
 
 @BENCHMARKS.register("perf")
-class LoadTest(Benchmark):
+class LoadTest(Benchmark[Config]):
     """A concurrency load test with evalscope perf: throughput, TTFT / TPOT / ITL by concurrency."""
 
-    Config = Config
     env = envs.EVALSCOPE
     requires = (ChatEndpoint,)
     measures_time = True

@@ -54,10 +54,9 @@ def perplexity(logprobs: list[float]) -> tuple[float, float]:
 
 
 @BENCHMARKS.register("ppl")
-class Perplexity(Benchmark):
+class Perplexity(Benchmark[Config]):
     """Perplexity of the served model on a text, llama-perplexity's protocol; paired ratio to the baseline."""
 
-    Config = Config
     requires = (Tokenizes, ScoresPrompt)
 
     def check(self, cfg: Config) -> None:

@@ -1,7 +1,7 @@
 """The engine contract: how a plug-in serves an artifact for benchmarks to measure.
 
 To add an engine: a module in this package with a `Config` (subclass `EngineConfig`) and an
-`Engine` subclass registered with `@ENGINES.register("<name>")`, a YAML option in conf/engine/
+`Engine[Config]` subclass registered with `@ENGINES.register("<name>")`, a YAML option in conf/engine/
 (`defaults: [<name>_schema, _self_]`), its stage environment's requirements in envs/, a test, and
 a README row. Nothing else needs to know about it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from qsweep import envs
 from qsweep.context import Artifact, JobContext
@@ -19,7 +19,7 @@ from qsweep.engines import http
 from qsweep.engines.served import CAPABILITIES, Load, ServedModel
 from qsweep.envs import StageEnvSpec
 from qsweep.errors import QsweepError
-from qsweep.plugins import Registry
+from qsweep.plugins import Plugin, Registry
 from qsweep.settings import below_minimum, neutral
 
 
@@ -70,15 +70,16 @@ def cuda_missing(setting: str) -> str | None:
     return None
 
 
-class Engine(ABC):
+E = TypeVar("E", bound=EngineConfig)  # the plug-in's settings (its Config)
+
+
+class Engine(Plugin[E], ABC):
     """Serves an artifact behind an OpenAI-compatible server for the job's benchmarks.
 
     Class attributes are the declaration the pre-flight reads before anything runs; `name` is set
     by the registration.
     """
 
-    name: ClassVar[str]
-    Config: ClassVar[type[EngineConfig]]  # typed settings; schema `engine/<name>_schema`
     formats: ClassVar[tuple[str, ...]]  # artifact formats it serves ("gguf", "hf")
     # Formats tried and found not to load, with why (shown when a sweep skips such a pair).
     not_served: ClassVar[dict[str, str]] = {}
@@ -91,45 +92,45 @@ class Engine(ABC):
         """The capability protocols (engines/served.py) its served model implements."""
         return frozenset(cap for cap in CAPABILITIES if issubclass(cls.served_type, cap))
 
-    def check(self, cfg: Any) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
+    def check(self, cfg: E) -> None:  # noqa: B027 - optional: most plug-ins have nothing to check
         """Side-effect-free validation at pre-flight; raise QsweepError with one line naming the fix."""
 
-    def unavailable(self, cfg: Any) -> str | None:
+    def unavailable(self, cfg: E) -> str | None:
         """Why this machine cannot serve with these settings (no GPU for device=cuda), or None;
         a real run refuses at pre-flight, a dry run says so."""
         return None
 
-    def device(self, cfg: Any) -> str:
+    def device(self, cfg: E) -> str:
         """The device it serves on ("cpu", "cuda"): picks measured caveats and unservable pairs."""
         return "cpu"
 
-    def gpus(self, cfg: Any) -> int:
+    def gpus(self, cfg: E) -> int:
         """How many GPUs a job serving with these settings holds (tensor parallelism; 0 on a CPU):
         the job gets that many of its own (qsweep.devices), and only those are visible to it."""
         return 0
 
-    def kernel_missing(self, cfg: Any, needed: frozenset[str], ctx: JobContext) -> str | None:
+    def kernel_missing(self, cfg: E, needed: frozenset[str], ctx: JobContext) -> str | None:
         """Why this engine cannot run the layers of an artifact that needs the kernels `needed`
         (`Method.layer_kernels`) on this machine, as measured here (a probe of its own build,
         kept in the artifact cache), or None: the pair is then skipped at pre-flight, before
         anything is quantized, with this reason."""
         return None
 
-    def kernels(self, cfg: Any, ctx: JobContext) -> str:
+    def kernels(self, cfg: E, ctx: JobContext) -> str:
         """What decides its figures on this machine besides its settings and package versions (for
         llama.cpp, its own system info: backends and the CPU features compiled in), or ''. Part of
         every result's cache key and tagged on every run (`engine.kernels`); the report flags
         comparisons across different ones."""
         return ""
 
-    def fit(self, cfg: Any, load: Load) -> Any:
+    def fit(self, cfg: E, load: Load) -> E:
         """The config sized for `load` (never lowered; unchanged when `cfg.fit_to_load` is off)."""
         return cfg
 
     @abstractmethod
-    def serve(self, cfg: Any, artifact: Artifact, ctx: JobContext) -> AbstractContextManager[ServedModel]:
+    def serve(self, cfg: E, artifact: Artifact, ctx: JobContext) -> AbstractContextManager[ServedModel]:
         """Start the server, wait until it is healthy, yield a `served_type`, and stop it (with its
         whole process group) on leaving the block, whatever happens."""
 
 
-ENGINES: Registry[Engine] = Registry("engine", Engine, group="engine")
+ENGINES: Registry[Engine[Any]] = Registry("engine", Engine, group="engine")

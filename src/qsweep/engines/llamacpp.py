@@ -141,10 +141,9 @@ class LlamaCppServed(ServedModel):
 
 
 @ENGINES.register("llamacpp")
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(Engine[Config]):
     """llama-server for GGUF files; prompt scoring in-process on the same file."""
 
-    Config = Config
     formats = ("gguf",)
     not_served = {
         "hf-bitsandbytes": "llama.cpp loads GGUF files only, and bitsandbytes' NF4/FP4 have no GGUF type",

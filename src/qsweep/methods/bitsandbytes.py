@@ -42,10 +42,9 @@ def quantization_config(cfg: Config) -> dict:
 
 
 @METHODS.register("bitsandbytes")
-class BitsAndBytesMethod(Method):
+class BitsAndBytesMethod(Method[Config]):
     """The checkpoint as it is, with the bitsandbytes settings the engine quantizes it with."""
 
-    Config = Config
     formats = (FORMAT,)
 
     def plan(self, cfg: Config, model_fingerprint: str, fmt: str, ctx: JobContext) -> PlannedArtifact:

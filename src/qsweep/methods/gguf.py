@@ -240,11 +240,10 @@ def artifact_from(entry: CacheEntry, chain: list[CacheEntry], label: str, model:
 
 
 @METHODS.register("gguf")
-class GgufMethod(Method):
+class GgufMethod(Method[Config]):
     """llama.cpp quantization types (`method=gguf-q4_k_m`, `gguf-iq4_xs`), optionally with an
     importance matrix."""
 
-    Config = Config
     formats = ("gguf",)
     env = envs.LLAMACPP
 

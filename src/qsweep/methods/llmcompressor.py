@@ -141,11 +141,10 @@ def layer_progress(log: Path) -> str:
 
 
 @METHODS.register("llmcompressor")
-class LlmCompressorMethod(Method):
+class LlmCompressorMethod(Method[Config]):
     """llm-compressor's GPTQ, AWQ and FP8 (`method=gptq`, `awq`, `fp8`), or a recipe file; GPTQ
     also through GPTQModel (`method.backend=gptqmodel`)."""
 
-    Config = Config
     formats = ("hf",)
     env = envs.QUANTIZE
 
