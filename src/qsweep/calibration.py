@@ -130,7 +130,7 @@ def conversations(path: Path, skip: int, count: int, min_chars: int) -> list[lis
     usable = 0
     for record in json_array_records(path):
         turns = record.get("conversations") or record.get("messages") or []
-        messages = []
+        messages: list[dict] = []
         for turn in turns:
             role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
             content = turn.get("value", turn.get("content"))

@@ -103,7 +103,7 @@ def sweep_hydra(overrides: list[str]) -> DictConfig:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed = [str(o.input_line) for o in parsed if not o.is_sweep_override()]  # parsed: never None
     return compose("config", overrides=fixed, return_hydra_config=True).hydra
 
 
@@ -192,7 +192,8 @@ def check_gpus(plans: list[JobPlan], slots: tuple[str, int], hydra_cfg: DictConf
     if not running:
         return
     visible = devices.visible(running[0].gpu_slots.ids)
-    if visible and running[0].gpu_slots.ids is None and launcher_target(hydra_cfg).endswith(".LocalLauncher"):
+    local = launcher_target(hydra_cfg).endswith(".LocalLauncher")
+    if visible and running[0].gpu_slots.ids is None and local and hydra_cfg is not None:
         # submitit gives every local job the first gpus_per_node devices (none by default); qsweep
         # then gives each job its own among them
         visible = visible[: hydra_cfg.launcher.get("gpus_per_node") or 0]

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +58,14 @@ def nvidia_gpus() -> list[tuple[str, str]]:
     return re.findall(r"^GPU (\d+):.*\(UUID: (\S+?)\)", listing, flags=re.M)
 
 
-def visible(configured: list[str] | None = None, environ: dict[str, str] | None = None) -> list[str]:
+def visible(configured: list[str] | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
     """The GPUs jobs may be given, as CUDA names them: `gpus.ids`, else CUDA_VISIBLE_DEVICES,
     else every GPU nvidia-smi lists (by index)."""
     if configured is not None:
         return [str(d) for d in configured]
-    environ = os.environ if environ is None else environ
-    if environ.get(VISIBLE) is not None:
-        return [d.strip() for d in environ[VISIBLE].split(",") if d.strip()]
+    given = os.environ if environ is None else environ
+    if given.get(VISIBLE) is not None:
+        return [d.strip() for d in given[VISIBLE].split(",") if d.strip()]
     return [index for index, _ in nvidia_gpus()]
 
 

@@ -56,7 +56,7 @@ class History:
         if benchmarks:
             parts.append(self.latest(job, "server_start_s"))
             parts += [self.latest(job, f"time_benchmark_{name}_s") for name in benchmarks]
-        return None if None in parts else sum(parts)
+        return None if None in parts else sum(p for p in parts if p is not None)
 
 
 @dataclass
@@ -75,6 +75,7 @@ def forecast(plan: JobPlan, history: History) -> Forecast:
     ctx = plan.context(Path(tempfile.gettempdir()) / "qsweep-dry-run")  # nothing is logged there
     try:
         fingerprint, model_ready = models.identify(plan.model, ctx)
+        assert plan.fmt is not None  # a pair no format joins is skipped above
         artifact = plan.method.plan(plan.method_cfg, fingerprint, plan.fmt, ctx)
         keys = {name: results.key(plan, artifact.key, name, ctx) for name in plan.benchmarks}
         reuse = results.find_reusable(plan, fingerprint, keys, ctx)
@@ -111,7 +112,7 @@ def duration(seconds: float | None) -> str:
 def report(plans: list[JobPlan]) -> list[str]:
     """The dry run's lines: one per job, its details indented, and the totals."""
     history = History(plans[0]) if plans else None
-    forecasts = [forecast(plan, history) for plan in plans]
+    forecasts = [forecast(plan, history) for plan in plans] if history else []
     lines = ["dry run: nothing is built, measured or recorded"]
     for f in forecasts:
         head = f"{f.name}: {f.status}" + (f", {duration(f.estimate_s)}" if f.status == "run" else "")
@@ -121,7 +122,11 @@ def report(plans: list[JobPlan]) -> list[str]:
         for status in dict.fromkeys(f.status for f in forecasts)
     }
     to_run = [f.estimate_s for f in forecasts if f.status == "run"]
-    total = f" ({duration(sum(to_run))} to run)" if to_run and None not in to_run else ""
+    total = (
+        f" ({duration(sum(t for t in to_run if t is not None))} to run)"
+        if to_run and None not in to_run
+        else ""
+    )
     lines.append(
         f"{len(forecasts)} job(s): " + ", ".join(f"{n} {status}" for status, n in counts.items()) + total
     )

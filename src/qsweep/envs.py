@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from qsweep import environ, installer, logs, procs
 from qsweep.errors import QsweepError
@@ -122,7 +123,7 @@ class StageEnv:
                 return candidate
         raise QsweepError(f"'{name}' is missing from stage environment '{self.name}': run ./setup.sh")
 
-    def environ(self, progress_bars: bool = False, **extra: str) -> dict[str, str]:
+    def environ(self, *, progress_bars: bool = False, **extra: str) -> dict[str, str]:
         """os.environ plus this environment's PATH and libraries, no telemetry, and tqdm's progress
         bars off unless `progress_bars` (a tool that needs them, or whose log qsweep reads them from)."""
         env = environ.snapshot()
@@ -333,8 +334,13 @@ def llamacpp_system_info(root: Path) -> str:
 def _pip(env: StageEnv, *args: str, log: Path, what: str, timeout_s: float = 1800, **extra_env: str) -> None:
     """`pip install args` into `env`, by uv where the controller has it (qsweep.installer)."""
     command, installer_env = installer.install_command(env.python, *args)
+    variables: dict[str, Any] = {**installer_env, **extra_env}
     procs.run(
-        command, log_path=log, timeout_s=timeout_s, what=what, env=env.environ(**installer_env, **extra_env)
+        command,
+        log_path=log,
+        timeout_s=timeout_s,
+        what=what,
+        env=env.environ(**variables),
     )
 
 

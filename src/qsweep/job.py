@@ -108,6 +108,7 @@ def run_stages(plan: JobPlan, ctx: JobContext, record: JobRecorder, job_dir: Pat
         record.model(model)
 
         with clock.stage("quantize"):
+            assert plan.fmt is not None  # a pair no format joins is skipped before its run starts
             artifact = plan.method.build(plan.method_cfg, model, plan.fmt, ctx)
         record.artifact(artifact)
         record.stage_envs([(spec, ctx.stage_env(spec)) for spec in plan.stage_envs()])
@@ -177,17 +178,19 @@ def measure(
         deltas, baseline = compared
         record.metrics(deltas)
         measured.update(deltas)
-        if name in saved:
+        key = keys[name]
+        if name in saved and key is not None:
             revision = plan.benchmarks[name][0].compare_revision
-            results.save_deltas(ctx.artifact_cache, keys[name], baseline, deltas, revision)
+            results.save_deltas(ctx.artifact_cache, key, baseline, deltas, revision)
         return True
 
     def keep(name: str, result: BenchmarkResult) -> None:
         """Record and store each result as soon as it is measured: a later failure keeps it."""
         record.result(result)
         measured.update(result.metrics)
-        if keys[name] is not None and plan.benchmarks[name][0].reusable(result):
-            results.save(ctx.artifact_cache, keys[name], result, record.run_id)
+        key = keys[name]
+        if key is not None and plan.benchmarks[name][0].reusable(result):
+            results.save(ctx.artifact_cache, key, result, record.run_id)
             saved.add(name)
         reference.keep(plan, model, name, result, ctx)
         if plan.quantizes and result.samples is not None and not compare(name, result):

@@ -21,7 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qsweep import envs, procs
 from qsweep.cache import content_key, file_sha256
@@ -80,7 +80,7 @@ def from_conf(option: str) -> ModelConfig:
     from qsweep.config import CONF_DIR
 
     loaded = OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
+    return cast(ModelConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)))
 
 
 def prepare_env(cfg: ModelConfig) -> envs.StageEnvSpec | None:
@@ -235,9 +235,10 @@ def joined_gguf(cfg: ModelConfig, ctx: JobContext) -> Path:
     if not cfg.gguf_parts:
         return files[0]
     assert cfg.gguf_file
+    gguf_name = Path(cfg.gguf_file).name
 
     def join(tmp: Path) -> dict:
-        with open(tmp / Path(cfg.gguf_file).name, "wb") as out:
+        with open(tmp / gguf_name, "wb") as out:
             for part in files:
                 with open(part, "rb") as chunk:
                     shutil.copyfileobj(chunk, out, 8 << 20)
@@ -299,7 +300,7 @@ def check_against_gguf(gguf: Path, checkpoint: Path, name: str, ctx: JobContext,
     env = ctx.stage_env(PREPARE_ENV)  # llama.cpp's tools and transformers both
     env.require()
     n_ctx, chunks = str(GGUF_CHECK_CTX), str(GGUF_CHECK_CHUNKS)
-    common = {"timeout_s": timeout_s, "env": env.environ()}
+    common: dict[str, Any] = {"timeout_s": timeout_s, "env": env.environ()}
     # next to the cache's build folder, named so that a killed build's leftover is cleaned with it
     scratch = checkpoint.with_name(checkpoint.name + "-check")
     scratch.mkdir(exist_ok=True)
@@ -362,13 +363,14 @@ def prepare(cfg: ModelConfig, name: str, ctx: JobContext) -> PreparedModel:
 
     else:
         assert cfg.hub_id
+        hub_id = cfg.hub_id
 
         def build(tmp: Path) -> dict:
             try:
                 procs.run(
                     [
                         *env.script("hub_download.py"),
-                        cfg.hub_id,
+                        hub_id,
                         tmp,
                         *(["--revision", cfg.revision] if cfg.revision else []),
                     ],

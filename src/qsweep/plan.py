@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,7 +247,7 @@ def after_what_they_read(runnable: dict[str, tuple[Benchmark, Any]]) -> dict[str
 def plan_job(
     cfg: DictConfig,
     choices: Mapping[str, Any],
-    order: list[str] = (),
+    order: Sequence[str] = (),
     given: frozenset[str] = frozenset(),
     label: str = "",
 ) -> JobPlan:
@@ -267,8 +267,8 @@ def plan_job(
     rerun = frozenset(sections["rerun"])
     unknown = sorted(rerun - set(RERUN_STAGES) - set(BENCHMARKS.names()))
     if unknown:
-        choices = ", ".join([*RERUN_STAGES, *BENCHMARKS.names()])
-        raise QsweepError(f"rerun={unknown}: nothing by that name to redo; choose from {choices}")
+        known = ", ".join([*RERUN_STAGES, *BENCHMARKS.names()])
+        raise QsweepError(f"rerun={unknown}: nothing by that name to redo; choose from {known}")
     models.check(model_cfg, model_name)
     method.check(method_cfg)
     check_common(engine_cfg)

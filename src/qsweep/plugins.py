@@ -20,7 +20,7 @@ import importlib.metadata
 import os
 import pkgutil
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Generic, TypeVar, cast, get_args, get_origin
 
 from qsweep.errors import QsweepError
 
@@ -54,7 +54,7 @@ class Registry(Generic[P]):
     """Plug-ins of one kind by name; `get` loads every plug-in module first and suggests a close
     match on a typo."""
 
-    def __init__(self, kind: str, contract: type[P], group: str):
+    def __init__(self, kind: str, contract: type, group: str):
         self.kind = kind  # "method", as said to users
         self.contract = contract  # the base class every plug-in of this kind subclasses
         self.group = group  # the Hydra config group its options live in
@@ -74,8 +74,8 @@ class Registry(Generic[P]):
             known = self._plugins.get(name)
             if known is not None and type(known).__qualname__ != cls.__qualname__:
                 raise ValueError(f"{self.kind} '{name}' is registered twice ({type(known)!r} and {cls!r})")
-            cls.name = name
-            self._plugins[name] = cls()
+            cls.name = name  # type: ignore[attr-defined]  # every contract declares it (Plugin)
+            self._plugins[name] = cast(P, cls())
             return cls
 
         return add
@@ -100,7 +100,7 @@ class Registry(Generic[P]):
         """The plug-in whose schema `config_type` is (a composed option names it in its defaults)."""
         load()
         for plugin in self._plugins.values():
-            if plugin.Config is config_type:
+            if getattr(plugin, "Config", None) is config_type:
                 return plugin
         raise QsweepError(
             f"{self.group} settings of type {config_type.__name__} belong to no registered {self.kind}: "

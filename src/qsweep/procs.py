@@ -15,11 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from qsweep import redact
 from qsweep.errors import QsweepError
 
 log = logging.getLogger(__name__)
+# A command line: each word is passed as str(word), so paths and numbers go in as they are.
+Command = Sequence[object]
 
 
 def tail(path: Path, lines: int = 5) -> str:
@@ -31,8 +34,9 @@ def tail(path: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text[-lines:] if line.strip())
 
 
-def last_match(log: Path, pattern: str) -> tuple[str, ...] | None:
-    """The groups of `pattern`'s last match in the end of a log (a tool's progress bar), or None."""
+def last_match(log: Path, pattern: str) -> Any:
+    """The groups of `pattern`'s last match in the end of a log (a tool's progress bar), or None: a
+    str where `pattern` has one group, a tuple of str where it has several (`re.findall`)."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
@@ -65,7 +69,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
     """
     request = StopRequest()
     token = _current_stop.set(request)
-    previous: dict[int, object] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def handler(signum: int, frame: object = None) -> None:
         request.requested = True
@@ -180,7 +184,7 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def run(
-    cmd: Sequence[str | os.PathLike],
+    cmd: Command,
     *,
     log_path: Path,
     timeout_s: float,
@@ -214,9 +218,7 @@ def run(
     return time.monotonic() - started
 
 
-def output(
-    cmd: Sequence[str | os.PathLike], *, timeout_s: float, env: Mapping[str, str] | None = None
-) -> str:
+def output(cmd: Command, *, timeout_s: float, env: Mapping[str, str] | None = None) -> str:
     """Run a short command and return its stdout+stderr; '' if it cannot run at all."""
     try:
         done = subprocess.run(
@@ -234,7 +236,7 @@ def output(
 
 @contextlib.contextmanager
 def background(
-    cmd: Sequence[str | os.PathLike],
+    cmd: Command,
     *,
     log_path: Path,
     env: Mapping[str, str] | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from qsweep import environ
@@ -81,14 +82,14 @@ def environment_secrets() -> list[str]:
     return [v for k, v in environ.snapshot().items() if is_secret_key(k.lower()) and len(v) >= 6]
 
 
-def text(value: str, also: list[str] = ()) -> str:
+def text(value: str, also: Sequence[str] = ()) -> str:
     """Text with the environment's secret values (and `also`) masked."""
     for secret in [*environment_secrets(), *also]:
         value = value.replace(secret, MASK)
     return value
 
 
-def file(path, also: list[str] = ()) -> None:
+def file(path, also: Sequence[str] = ()) -> None:
     """Mask the environment's secret values (and `also`: the config's) in a log file, in place,
     before it is kept."""
     secrets = [*environment_secrets(), *also]

@@ -75,9 +75,9 @@ def load(cache: ArtifactCache, parts: dict) -> dict | None:
     return {k: str(entry.path / v) if k.endswith("_npy") else v for k, v in samples.items()}
 
 
-def discard_files(samples: dict) -> None:
+def discard_files(samples: dict | None) -> None:
     """Remove a job's own sample files (big) once compared or stored."""
-    for name, value in samples.items():
+    for name, value in (samples or {}).items():
         if name.endswith("_npy"):
             Path(value).unlink(missing_ok=True)
 
@@ -145,7 +145,8 @@ def compare(
     discard_files(result.samples)
     if metrics:
         log.info("  %s vs baseline: %s", name, headline(metrics))
-    return metrics, stamp(ctx.artifact_cache, parts)
+    baseline = stamp(ctx.artifact_cache, parts)
+    return (metrics, baseline) if baseline is not None else None
 
 
 def evaluate_missing_baseline(
@@ -162,5 +163,5 @@ def evaluate_missing_baseline(
     fmt = compat.serving_format(BaselineMethod(), plan.engine)
     if missing and fmt is None:
         ctx.note(f"engine {plan.engine.name} cannot serve the baseline: nothing to compare with")
-    elif missing:
+    elif missing and fmt is not None:
         evaluate_baseline(missing, model, fmt, plan.engine, unquantized(plan.engine_cfg), ctx)

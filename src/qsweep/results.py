@@ -169,7 +169,9 @@ def find_reusable(
     found: dict[str, Reuse] = {}
     for name, (benchmark, _) in plan.benchmarks.items():
         parts = keys[name]
-        stored = None if parts is None or plan.forces(name) else load(ctx.artifact_cache, parts)
+        if parts is None or plan.forces(name):
+            continue
+        stored = load(ctx.artifact_cache, parts)
         if stored is None:
             continue
         deltas: dict[str, float] | None = {}

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
@@ -162,7 +162,7 @@ class SweepCallback(Callback):
 def flag_disagreeing_baselines(client, runs: list) -> None:
     """The same unquantized model scored on the same text by two engines must agree (`sanity`);
     when it does not, both runs are flagged suspect (a tokenizer or conversion problem)."""
-    groups: dict[tuple, dict[str, object]] = {}
+    groups: dict[tuple, dict[str, Any]] = {}
     for run in runs:
         tags, params = run.data.tags, run.data.params
         if (
@@ -189,8 +189,10 @@ def write_report(client, parent_id: str, config: DictConfig) -> None:
     written is said, never a reason to fail the sweep (its jobs' results are all recorded)."""
     from omegaconf import OmegaConf
 
+    from qsweep.report.decide import ReportConfig
+
     try:
-        cfg = OmegaConf.to_object(config.report)  # a ReportConfig: the schema types the section
+        cfg = cast(ReportConfig, OmegaConf.to_object(config.report))  # the schema types the section
         if not cfg.at_end:
             return
         from qsweep.report import build  # here: it imports matplotlib, a second that at_end=false saves
@@ -206,7 +208,7 @@ def secrets_of(config: DictConfig) -> list[str]:
     """The secret values in a sweep's config (`redact`), to keep them out of its command tag."""
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
+    settings = cast(dict, OmegaConf.to_container(config, resolve=False, enum_to_str=True))
     settings.pop("hydra", None)
     return redact.secret_values(settings)
 

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +401,7 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(client, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -437,7 +438,7 @@ class JobRecorder:
     """Every MLflow call of one job: the job says what happened (a stage's outcome, a metric, a
     file) and this turns it into params, metrics, tags and artifacts on the job's run."""
 
-    def __init__(self, client, run_id: str, parent_id: str | None, secrets: list[str] = ()):
+    def __init__(self, client, run_id: str, parent_id: str | None, secrets: Sequence[str] = ()):
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
         self.secrets = list(secrets)  # the config's secret values, masked in the logs it keeps
         self.heartbeat = Heartbeat(client, run_id)

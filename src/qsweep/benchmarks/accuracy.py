@@ -31,7 +31,7 @@ PRIMARY = {"ifeval": "prompt_level_strict"}
 
 
 def primary_metric(name: str, scores: dict) -> str:
-    for candidate in (PRIMARY.get(name), "accuracy", "acc"):
+    for candidate in (PRIMARY.get(name, ""), "accuracy", "acc"):
         if candidate in scores:
             return candidate
     return next(iter(scores))

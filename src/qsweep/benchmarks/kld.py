@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 from qsweep import stats
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
@@ -60,7 +61,7 @@ class KlDivergence(Benchmark[Config]):
     def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)
         text, _ = materialize(cfg.text, ctx.artifact_cache)
-        tokenized = served.tokenize(
+        tokenized = cast(Tokenizes, served).tokenize(
             text, timeout_s=cfg.timeout_s, max_tokens=cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
         )
         chunks = make_chunks(tokenized.tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
@@ -74,10 +75,12 @@ class KlDivergence(Benchmark[Config]):
         if exact:
             npy = ctx.log_dir / "kld" / "logprobs.npy"
             npy.parent.mkdir(parents=True, exist_ok=True)
-            served.full_logprobs(chunks, first, npy, timeout_s=cfg.timeout_s)
+            cast(FullDistribution, served).full_logprobs(chunks, first, npy, timeout_s=cfg.timeout_s)
             samples = {"tokens": context, "logprobs_npy": str(npy)}
         else:
-            top = served.top_logprobs(chunks, first, cfg.top_k, timeout_s=cfg.timeout_s)
+            top = cast(TopKDistribution, served).top_logprobs(
+                chunks, first, cfg.top_k, timeout_s=cfg.timeout_s
+            )
             positions = [
                 [[int(t) for t in d], [float(v) for v in d.values()]] for chunk in top for d in chunk
             ]
@@ -99,7 +102,9 @@ class KlDivergence(Benchmark[Config]):
             for (b_ids, b_lps), (q_ids, q_lps) in zip(baseline["top"], samples["top"], strict=True):
                 quant = dict(zip(q_ids, q_lps, strict=True))
                 klds.append(position_kld((b_ids, b_lps), quant))
-                agree.append(float(b_ids[b_lps.index(max(b_lps))] == max(quant, key=quant.get)))
+                agree.append(
+                    float(b_ids[b_lps.index(max(b_lps))] == max(quant, key=lambda token: quant[token]))
+                )
         else:
             return {}
         kld, top1 = stats.estimate(klds), stats.estimate(agree)

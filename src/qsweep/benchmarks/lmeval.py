@@ -169,7 +169,7 @@ class LmEval(Benchmark[Config]):
         out.mkdir(parents=True, exist_ok=True)
         tasks = {name: harness_name(name, cfg.source) for name in cfg.tasks}
         include: list[str] = []
-        extra_env = {}
+        extra_env: dict[str, Any] = {}
         if cfg.source is DataSource.wheels:
             include = [
                 "--include_path",
@@ -244,7 +244,7 @@ def write_task_configs(tasks: list[str], harness_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in tasks:
         task = TASKS[name]
-        config = {
+        config: dict[str, Any] = {
             "include": str(harness_dir / task.harness_yaml),
             "task": harness_name(name, DataSource.wheels),
             "tag": [],

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 from qsweep import stats
 from qsweep.benchmarks.base import BENCHMARKS, Benchmark
 from qsweep.context import BenchmarkResult, JobContext
-from qsweep.engines.served import Load, ScoresPrompt, Tokenizes
+from qsweep.engines.served import Load, ScoresPrompt, ServedModel, Tokenizes
 from qsweep.errors import QsweepError
 from qsweep.settings import neutral
 from qsweep.textdata import TextConfig, check_holds, content_sha, materialize
@@ -75,11 +76,13 @@ class Perplexity(Benchmark[Config]):
     def data_key(self, cfg: Config, ctx: JobContext) -> dict:
         return {"text": content_sha(cfg.text, ctx.artifact_cache)}
 
-    def run(self, cfg: Config, served: Tokenizes | ScoresPrompt, ctx: JobContext) -> BenchmarkResult:
+    def run(self, cfg: Config, served: ServedModel, ctx: JobContext) -> BenchmarkResult:
         self.check(cfg)
         text, _ = materialize(cfg.text, ctx.artifact_cache)
         budget = cfg.max_tokens - cfg.max_tokens % cfg.n_ctx
-        tokenized = served.tokenize(text, timeout_s=cfg.timeout_s, compare_tokens=budget, max_tokens=budget)
+        tokenized = cast(Tokenizes, served).tokenize(
+            text, timeout_s=cfg.timeout_s, compare_tokens=budget, max_tokens=budget
+        )
         tokens = tokenized.tokens
         chunks = make_chunks(tokens, cfg.n_ctx, cfg.max_tokens, tokenized.bos)
         if not chunks:
@@ -89,7 +92,7 @@ class Perplexity(Benchmark[Config]):
             )
         first = cfg.n_ctx // 2
         log.info("  perplexity over %d chunks of %d tokens", len(chunks), cfg.n_ctx)
-        scored = served.score(chunks, first, timeout_s=cfg.timeout_s)
+        scored = cast(ScoresPrompt, served).score(chunks, first, timeout_s=cfg.timeout_s)
         flat = [lp for chunk in scored for lp in chunk]
         ppl, err = perplexity(flat)
         metrics = {"ppl": ppl, "ppl_err": err, "ppl_scored_tokens": len(flat), "ppl_chunks": len(chunks)}

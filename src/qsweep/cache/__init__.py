@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from qsweep.errors import QsweepError
 
@@ -118,7 +119,7 @@ class ArtifactCache:
             return None
         return CacheEntry(final, cached, hit=True) if self._intact(final, cached) else None
 
-    def _current(self, manifest: dict | None) -> bool:
+    def _current(self, manifest: dict | None) -> TypeGuard[dict]:
         if manifest is None:
             return False
         return self.rebuild_before is None or manifest.get("built_at_epoch", 0.0) >= self.rebuild_before

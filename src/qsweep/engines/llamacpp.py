@@ -77,7 +77,7 @@ class Config(EngineConfig):
 class LlamaCppServed(ServedModel):
     """A running llama-server plus in-process scoring on the same GGUF."""
 
-    def _score_script(self, *args: str | Path, timeout_s: float) -> dict:
+    def _score_script(self, *args: object, timeout_s: float) -> dict:
         out = self.ctx.log_dir / f"score-{time.monotonic_ns()}.json"
         env = self.ctx.stage_env(envs.LLAMACPP)
         try:

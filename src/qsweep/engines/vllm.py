@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qsweep import envs, procs
 from qsweep.cache import content_key
@@ -261,7 +262,7 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         *(["--distributed-executor-backend", "uni"] if in_engine else []),
         *cfg.extra_args,
     ]
-    extra_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    extra_env: dict[str, Any] = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if on == "cpu":
         extra_env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gb))
         if cfg.enforce_eager:

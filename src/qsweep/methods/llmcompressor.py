@@ -108,19 +108,20 @@ def check_group_size(cfg: Config, shape: ModelShape, given: bool) -> list[str]:
     if cfg.recipe or not groups_weights(cfg.scheme) or not shape.widths:
         return []
     # a grouped preset without a group size set groups by its own 128
-    cfg = dataclasses.replace(cfg, group_size=cfg.group_size or 128)
+    group_size = cfg.group_size or 128
+    cfg = dataclasses.replace(cfg, group_size=group_size)
     common = math.gcd(*shape.widths)
-    if common % cfg.group_size == 0:
+    if common % group_size == 0:
         return []
     fitting = [1 << k for k in range(16) if common % (1 << k) == 0]
     widths = f"({', '.join(map(str, shape.widths))}, from {shape.source})"
     if given:
-        nearest = min(fitting, key=lambda size: (abs(size - cfg.group_size), size))
+        nearest = min(fitting, key=lambda size: (abs(size - group_size), size))
         raise QsweepError(
             f"method.group_size={cfg.group_size} does not divide the model's layer widths {widths}: "
             f"use {nearest}"
         )
-    lowered = max(size for size in fitting if size <= cfg.group_size)
+    lowered = max(size for size in fitting if size <= group_size)
     return [
         f"group size {cfg.group_size} does not divide the model's layer widths {widths}: {lowered} "
         f"is used (set method.group_size to choose)"

@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. report.min_recovery=0.98")
     args = parser.parse_args(argv)
     cfg = config.compose(args.overrides, job_name="report")
-    report_cfg: ReportConfig = OmegaConf.to_object(cfg.report)  # the schema types the section
+    report_cfg = cast(ReportConfig, OmegaConf.to_object(cfg.report))  # the schema types the section
     client, experiment_id = tracking.client_for(cfg)
     started = time.monotonic()
     against = parent_id(args.against) if args.against else None

@@ -91,7 +91,7 @@ def excluded(row: JobRow, cfg: ReportConfig) -> str | None:
         return f"suspect: {row.suspect}"
     quality = row.quality()
     recovery = quality is not None and quality[0] == "recovery"
-    if recovery and cfg.min_recovery is not None and quality[1].mean < cfg.min_recovery:
+    if recovery and quality and cfg.min_recovery is not None and quality[1].mean < cfg.min_recovery:
         return f"recovery {quality[1].mean:.3f} < {cfg.min_recovery}"
     if cfg.max_ppl_ratio is not None and row.ppl_ratio > cfg.max_ppl_ratio:
         return f"ppl ratio {row.ppl_ratio:.3f} > {cfg.max_ppl_ratio}"
@@ -160,7 +160,8 @@ def recommend(rows: list[JobRow], cfg: ReportConfig) -> tuple[list[Pick], dict[s
     picks.append(footprint)
 
     rated = [(r, q[1]) for r in ok if (q := r.quality())]
-    quality = Pick("best quality", rated[0][0].quality()[0] + " against the baseline" if rated else "quality")
+    kind = (rated[0][0].quality() or ("quality",))[0] if rated else ""
+    quality = Pick("best quality", kind + " against the baseline" if rated else "quality")
     quality.values = {r.name: _interval(v) for r, v in rated}
     quality.leaders = leaders(rated, True)
     quality.why_none = "no perplexity or accuracy measured"

@@ -41,7 +41,7 @@ def speed_axis(rows: list[JobRow], cfg: ReportConfig) -> tuple[str, dict[str, Va
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The non-dominated points (higher x and higher y are better), by x."""
-    best = []
+    best: list[tuple[float, float]] = []
     for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
         if not best or y > best[-1][1]:
             best.append((x, y))

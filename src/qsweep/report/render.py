@@ -9,6 +9,7 @@ import html
 import io
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -26,7 +27,7 @@ class Section:
     left_out: dict[str, str]  # job -> why it cannot be recommended
     noise: list[str]
     unlike: list[str] = field(default_factory=list)  # comparisons not like for like (decide.like_for_like)
-    figures: dict[str, Figure | bytes] = field(default_factory=dict)  # drawn, then as written (PNG)
+    figures: dict[str, Any] = field(default_factory=dict)  # drawn, then as written (PNG)
 
 
 def _num(value: float, digits: int = 1) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from qsweep import stats
 
@@ -170,7 +171,7 @@ def objective_of(params: dict) -> str:
     """The load test's latency objective, as its params say (empty: none)."""
     from qsweep.benchmarks.perf import Objective
 
-    limits = {}
+    limits: dict[str, Any] = {}
     for f in dataclasses.fields(Objective):
         value = params.get(f"benchmark.perf.slo.{f.name}")
         if value not in (None, "", "None") and f.name not in ("max_concurrency", "runs"):
