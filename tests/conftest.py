@@ -170,6 +170,18 @@ def sweep_runs(tmp: Path):
     return client, every
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` is alive (a zombie, which still answers kill(0), counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def live_processes(marker: str) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes, zombies and this one left out, whose command line
     mentions `marker` (a test's folder: its servers, tools and scorers)."""
