@@ -64,6 +64,16 @@ def cli_env(fakes: bool = False) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache_of_the_session(tmp_path_factory):
+    """The `datasets` library's cache, where lm-eval and evalscope prepare their task data, in the
+    session's temporary folder: its entries are keyed by the data file's path, which is under each
+    test's own QSWEEP_HOME, so in ~/.cache/huggingface every run of the tests left ~30 MB behind."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_model_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
