@@ -2,7 +2,7 @@
 devices, several when its engine spans them, never one another job holds; a killed holder frees its
 devices; the pre-flight refuses a job wider than the GPUs visible; tensor parallelism reaches the
 engines' command lines. The joblib scenario in tests/test_launchers.py checks the same across
-worker processes of a real sweep; a real GPU check is reported in the README."""
+worker processes of a real sweep; a real GPU check is reported in docs/guide.md."""
 
 from __future__ import annotations
 

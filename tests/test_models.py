@@ -65,7 +65,8 @@ def test_a_checkpoint_made_from_a_gguf_reproduces_it(which, request, llamacpp_en
     reference = tokens(llamacpp_env, LLAMA_TOKENS, gguf, text)
     ours = tokens(llamacpp_env, CHECKPOINT_TOKENS, model.path, text)
     differing = sum(a != b for a, b in zip(ours, reference, strict=False)) + abs(len(ours) - len(reference))
-    # SmolLM2: transformers lacks llama.cpp's digit splitting in 5 places per 41k tokens (README)
+    # SmolLM2: transformers lacks llama.cpp's digit splitting in 5 places per 41k tokens
+    # (docs/architecture.md)
     assert differing <= (0.002 * len(reference) if which == "smollm2" else 0), (len(ours), len(reference))
 
 

@@ -27,7 +27,7 @@ from conftest import REPO, cli_env, run_cli
 from fakeplugins import write_fake_checkpoint
 from qsweep.envs import HOME_ENV_VAR
 
-TEXT = REPO / "README.md"  # a short local text for perplexity
+TEXT = REPO / "docs" / "guide.md"  # a short local text for perplexity
 SHORT_PPL = [f"benchmark.ppl.text.path={TEXT}", "benchmark.ppl.n_ctx=128", "benchmark.ppl.max_tokens=1024"]
 
 
@@ -230,7 +230,7 @@ def test_every_sweep_ends_with_a_report_in_its_folder_and_on_its_parent_run(outc
     # the experiment opens as a model-training experiment in the MLflow UI
     assert client.get_experiment(parents[0].info.experiment_id).tags["mlflow.experimentKind"] == (
         "custom_model_development")  # fmt: skip
-    # on demand, from MLflow alone (its time is printed; README: about a second): the change of every
+    # on demand, from MLflow alone (its time is printed; docs/results.md: about a second): the change of every
     # headline figure since the first sweep
     assert on_demand.returncode == 0, on_demand.stderr[-3000:]
     assert "report written in" in on_demand.stdout + on_demand.stderr

@@ -2,7 +2,7 @@
 
 To add a benchmark: a module in this package with a `Config` dataclass and a `Benchmark[Config]` subclass
 registered with `@BENCHMARKS.register("<name>")`, a YAML option conf/benchmark/<name>.yaml
-(`# @package benchmark.<name>`, `defaults: [<name>_schema, _self_]`), a test and a README row.
+(`# @package benchmark.<name>`, `defaults: [<name>_schema, _self_]`), a test and a row in docs/guide.md.
 Its config gets its place in the `benchmark` container from the registration.
 """
 

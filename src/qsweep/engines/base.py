@@ -3,7 +3,7 @@
 To add an engine: a module in this package with a `Config` (subclass `EngineConfig`) and an
 `Engine[Config]` subclass registered with `@ENGINES.register("<name>")`, a YAML option in conf/engine/
 (`defaults: [<name>_schema, _self_]`), its stage environment's requirements in envs/, a test, and
-a README row. Nothing else needs to know about it.
+a row in docs/guide.md. Nothing else needs to know about it.
 """
 
 from __future__ import annotations

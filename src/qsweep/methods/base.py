@@ -3,7 +3,8 @@
 To add a method: a module in this package with a `Config` dataclass and a `Method[Config]` subclass
 registered with `@METHODS.register("<kind>")`, YAML options in conf/method/ (`defaults:
 [<kind>_schema, _self_]`; one kind may have many options, as llmcompressor has gptq, awq and fp8),
-a test and a README row. Artifacts are cached by content: build them with `ctx.artifact_cache.entry`.
+a test and a row in docs/guide.md. Artifacts are cached by content: build them with
+`ctx.artifact_cache.entry`.
 """
 
 from __future__ import annotations
