@@ -122,6 +122,9 @@ def test_contract_check_catches_a_careless_engine():
     class NotServed:
         pass
 
+    class HealthElsewhere(ServedModel):
+        health_path = "health"  # not a path: the start-up would wait on http://host:porthealth
+
     class Careless(Engine):
         Config = CarelessConfig
         formats = ()
@@ -136,6 +139,11 @@ def test_contract_check_catches_a_careless_engine():
     assert any("formats" in p for p in found) and any("served_type" in p for p in found)
     assert any("Config.port redefines a result-neutral setting" in p for p in found)
     assert any("Config.request_timeout_s redefines a setting without its `minimum=`" in p for p in found)
+    Careless.served_type = HealthElsewhere
+    assert any(
+        "served_type.health_path must be the server's health path" in p
+        for p in contracts.problems(Careless())
+    )
 
 
 def test_contract_check_catches_a_careless_benchmark():

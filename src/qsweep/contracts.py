@@ -68,6 +68,8 @@ def _engine(engine: Engine) -> list[str]:
     ]
     if not (isinstance(engine.served_type, type) and issubclass(engine.served_type, ServedModel)):
         found.append("served_type must subclass ServedModel")
+    elif not str(engine.served_type.health_path).startswith("/"):
+        found.append("served_type.health_path must be the server's health path, e.g. /health")
     if not issubclass(engine.Config, EngineConfig):
         return [*found, "Config must subclass EngineConfig (host, port, timeouts, smoke test, fit_to_load)"]
     base = {f.name: f for f in dataclasses.fields(EngineConfig)}

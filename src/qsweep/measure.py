@@ -117,7 +117,7 @@ class ServerWatch:
     def _probe(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                with urllib.request.urlopen(f"{self.served.url}/health", timeout=min(5.0, self.timeout_s)):
+                with urllib.request.urlopen(self.served.health_url(), timeout=min(5.0, self.timeout_s)):
                     self.last_answer = time.monotonic()
             except (OSError, urllib.error.URLError):
                 pass

@@ -238,6 +238,10 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext) -> Iterator[LlamaCpp
     log.info("  starting llama-server on %s (-c %s -np %s)", url, cfg.ctx_size, cfg.parallel)
     with procs.background(cmd, log_path=server_log, env=env.environ()) as proc:
         http.wait_healthy(
-            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="llama-server"
+            f"{url}{LlamaCppServed.health_path}",
+            proc,
+            timeout_s=cfg.startup_timeout_s,
+            log=server_log,
+            what="llama-server",
         )
         yield LlamaCppServed(cfg, artifact, url, time.monotonic() - started, server_log, ctx, process=proc)

@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from qsweep.context import Artifact, JobContext
 from qsweep.engines import http
@@ -122,7 +122,13 @@ class Load:
 
 @dataclass
 class ServedModel:
-    """A running OpenAI-compatible server; engines subclass it and add the capabilities they have."""
+    """A running OpenAI-compatible server; engines subclass it and add the capabilities they have.
+
+    The server must answer GET `health_path` with a 2xx status once it can serve, and for as long
+    as it can: the start-up waits for it (`http.wait_healthy`) and, during the benchmarks, a server
+    silent there for `request_timeout_s` is taken for hung (`measure.ServerWatch`)."""
+
+    health_path: ClassVar[str] = "/health"  # llama-server's and vLLM's
 
     cfg: Any  # the engine's config: request_timeout_s, smoke settings
     artifact: Artifact
@@ -139,6 +145,9 @@ class ServedModel:
 
     def api_base(self) -> str:
         return f"{self.url}/v1"
+
+    def health_url(self) -> str:
+        return f"{self.url}{self.health_path}"
 
     def request(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
         if self.model_name is not None:

@@ -297,7 +297,11 @@ def serve(cfg: Config, artifact: Artifact, ctx: JobContext, on: str) -> Iterator
         ) as proc,
     ):
         http.wait_healthy(
-            f"{url}/health", proc, timeout_s=cfg.startup_timeout_s, log=server_log, what="vLLM server"
+            f"{url}{VllmServed.health_path}",
+            proc,
+            timeout_s=cfg.startup_timeout_s,
+            log=server_log,
+            what="vLLM server",
         )
         yield VllmServed(
             cfg,
