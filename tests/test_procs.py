@@ -125,8 +125,9 @@ def test_server_watch_notices_a_silent_server_without_ever_blocking(tmp_path):
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)  # connections queue up; nothing ever answers
-        served = SimpleNamespace(process=None, url=f"http://127.0.0.1:{hung.getsockname()[1]}",
-                                 log=tmp_path / "server.log")  # fmt: skip
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        served = SimpleNamespace(process=None, url=url, log=tmp_path / "server.log", health_path="/health",
+                                 health_url=lambda: f"{url}/health")  # fmt: skip
         with ServerWatch(served, timeout_s=1.0) as watch:
             assert watch() is None
             deadline, slowest, reason = time.monotonic() + 10, 0.0, None

@@ -132,8 +132,8 @@ class ServerWatch:
         silent = time.monotonic() - self.last_answer
         if silent >= self.timeout_s:
             return (
-                f"the server stopped answering (no /health reply for {silent:.0f} s, engine "
-                f"request_timeout_s={self.timeout_s}): stopped or hung; log: {self.served.log}"
+                f"the server stopped answering (no {self.served.health_path} reply for {silent:.0f} s, "
+                f"engine request_timeout_s={self.timeout_s}): stopped or hung; log: {self.served.log}"
             )
         return None
 
