@@ -176,6 +176,7 @@ def _http_server(cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> I
     thread.start()
     with open(ctx.log("server.log"), "a") as log:
         log.write(f"fake server on port {server.server_port}, {cfg.slots} slot(s)\n")
+        log.write(f"serving since {time.time() * 1000:.0f}\n")  # epoch ms: tests/test_launchers.py
     if SABOTAGE == "orphan":  # broken on purpose: a helper process nobody stops
         helper = [sys.executable, "-c", "import time; time.sleep(300)", str(ctx.log_dir)]
         subprocess.Popen(helper, start_new_session=True)
@@ -185,6 +186,8 @@ def _http_server(cfg: FakeServeConfig, artifact: Artifact, ctx: JobContext) -> I
         gone.set()
         server.shutdown()
         server.server_close()
+        with open(ctx.log("server.log"), "a") as log:
+            log.write(f"stopped at {time.time() * 1000:.0f}\n")
 
 
 @dataclass

@@ -7,6 +7,7 @@ CPU a sweep), which the fast suite's minute cannot hold."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -48,18 +49,23 @@ def test_joblib_launcher_with_a_failing_job_exits_1_and_closes_the_parent_run(ca
     q4 = jobs["fake-model/fake-q4/fake"].data.metrics
     assert q4["ppl_ratio"] > 1 and "fake_delta" in q4  # compared, whichever of the two ran first
     client = case.runs()[0]
-    spans = {}
+    spans, serving = {}, {}
     for name, run in jobs.items():
         gpu = run.data.params["job.gpus"]
         assert gpu in ("fake-gpu-0", "fake-gpu-1") and run.data.params["job.gpu_count"] == "1"
-        spans[name] = (run.info.start_time, run.info.end_time, gpu)
+        spans[name] = (run.info.start_time, run.info.end_time)
         if run.info.status == "FINISHED":  # what the server saw: its own device only
-            log = Path(client.download_artifacts(run.info.run_id, "logs/server.log", str(tmp_path)))
-            assert f"CUDA_VISIBLE_DEVICES={gpu}\n" in log.read_text()
-    overlapping = [
-        (a, b) for a, b in itertools.combinations(spans.values(), 2) if a[0] < b[1] and b[0] < a[1]
-    ]
-    assert overlapping and all(a[2] != b[2] for a, b in overlapping)
+            log = Path(
+                client.download_artifacts(run.info.run_id, "logs/server.log", str(tmp_path))
+            ).read_text()
+            assert f"CUDA_VISIBLE_DEVICES={gpu}\n" in log
+            since = int(re.search(r"serving since (\d+)", log).group(1))
+            serving[name] = (since, int(re.search(r"stopped at (\d+)", log).group(1)), gpu)
+    # the jobs ran side by side (a run starts before its job waits for a GPU: its span is not the
+    # GPU's), and servers that ran at the same time ran on different GPUs
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans.values(), 2))
+    at_once = [(a, b) for a, b in itertools.combinations(serving.values(), 2) if a[0] < b[1] and b[0] < a[1]]
+    assert all(a[2] != b[2] for a, b in at_once), serving
 
 
 def test_submitit_local_runs_each_job_in_a_process_of_its_own_under_one_parent_run(case_factory):

@@ -139,14 +139,14 @@ def compare(
     own sample files are removed once compared."""
     parts = baseline_key(plan, model.fingerprint, name, ctx)
     base = load(ctx.artifact_cache, parts)
-    if base is None or result.samples is None:
-        return None
+    baseline = stamp(ctx.artifact_cache, parts)
+    if base is None or baseline is None or result.samples is None:
+        return None  # the job's sample files are kept for a comparison once the baseline is there
     metrics = plan.benchmarks[name][0].compare(result.samples, base)
     discard_files(result.samples)
     if metrics:
         log.info("  %s vs baseline: %s", name, headline(metrics))
-    baseline = stamp(ctx.artifact_cache, parts)
-    return (metrics, baseline) if baseline is not None else None
+    return metrics, baseline
 
 
 def evaluate_missing_baseline(
