@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from qsweep.context import BenchmarkResult, JobContext
 from qsweep.engines.served import Load, ServedModel, describe
 from qsweep.envs import StageEnvSpec
-from qsweep.plugins import Plugin, Registry
-
-C = TypeVar("C")  # the plug-in's settings (its Config)
+from qsweep.plugins import C, Plugin, Registry
 
 
 class Benchmark(Plugin[C], ABC):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from qsweep.context import Artifact, JobContext
 from qsweep.envs import StageEnvSpec
 from qsweep.models import ModelShape, PreparedModel
-from qsweep.plugins import Plugin, Registry
+from qsweep.plugins import C, Plugin, Registry
 
 
 @dataclass
@@ -30,9 +30,6 @@ class PlannedArtifact:
 def planned_step(what: str, kind: str, key: str, ctx: JobContext) -> tuple[str, bool]:
     """A `PlannedArtifact` step: (what, whether the artifact cache has entry `key` of `kind`)."""
     return what, ctx.artifact_cache.lookup_key(kind, key) is not None
-
-
-C = TypeVar("C")  # the plug-in's settings (its Config)
 
 
 class Method(Plugin[C], ABC):
